@@ -1,0 +1,128 @@
+"""``bigtrain`` command line: train, eval, data, config.
+
+Exit codes: 0 success; 2 bad input (config, data, checkpoint path) with a
+one-line reason; 75 stopped early after saving (time budget / preemption):
+resubmit with resume=auto to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+from bigtrain.config import ConfigError, describe, dump_yaml, load_config
+from bigtrain.trainer import EXIT_BAD_INPUT
+
+USAGE = """bigtrain <command> ...
+
+commands:
+  train CONFIG [key=value ...]    train (resumes from run.dir/checkpoints with resume=auto)
+  eval CONFIG [key=value ...]     evaluate the checkpoint chosen by `resume` (default: latest in run.dir)
+  data ...                        write/inspect webdataset shards (see `bigtrain data --help`)
+  config describe                 list every config key with type, default and meaning
+  config show CONFIG [key=value]  print the resolved config
+"""
+
+
+def _split_args(argv: list[str], cmd: str) -> tuple[str, list[str]]:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: bigtrain {cmd} CONFIG [key=value ...]")
+        raise SystemExit(0 if argv else EXIT_BAD_INPUT)
+    return argv[0], argv[1:]
+
+
+def cmd_train(argv: list[str]) -> int:
+    from bigtrain.checkpoint import resolve_resume
+    from bigtrain.metrics import MetricsLogger, setup_logging
+    from bigtrain.recipes import DistEnv, build_trainer
+
+    path, overrides = _split_args(argv, "train")
+    cfg = load_config(path, overrides)  # all validation happens before any work
+    resolve_resume(os.path.join(cfg.run.dir, "checkpoints"), cfg.resume)  # a bad resume path fails now
+    env = DistEnv.from_environ()
+    setup_logging(env.rank)
+    trainer = build_trainer(cfg, env)
+    if env.rank == 0:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+            f.write(f"# resolved config, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + dump_yaml(cfg))
+    resumed = trainer.maybe_resume()
+    metrics = MetricsLogger(cfg.run.dir, env.rank == 0, resume_step=resumed)
+    if cfg.log.wandb:
+        name = cfg.run.name or os.path.basename(os.path.normpath(cfg.run.dir))
+        metrics.enable_wandb(cfg.log.wandb_project, name, asdict(cfg), cfg.run.dir)
+    try:
+        status = trainer.fit(metrics)
+    finally:
+        metrics.close()
+    if env.rank == 0:
+        summary = {"step": trainer.state.step, "status": status, "train_seconds": round(trainer.state.train_seconds, 2)}
+        summary.update(trainer.last_eval)
+        with open(os.path.join(cfg.run.dir, "results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(json.dumps(summary))
+    return status
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from bigtrain.checkpoint import CheckpointError
+    from bigtrain.metrics import setup_logging
+    from bigtrain.recipes import DistEnv, build_trainer
+
+    path, overrides = _split_args(argv, "eval")
+    cfg = load_config(path, overrides)
+    env = DistEnv.from_environ()
+    setup_logging(env.rank)
+    trainer = build_trainer(cfg, env)
+    ckpt = trainer.checkpointer.resolve(cfg.resume if cfg.resume != "never" else "auto")
+    if ckpt is None:
+        raise CheckpointError(f"no complete checkpoint in {cfg.run.dir}/checkpoints to evaluate (set resume=PATH)")
+    trainer.checkpointer.load(ckpt, {"model": trainer.stateful()["model"]})
+    results = {"checkpoint": ckpt, **trainer.evaluate()}
+    print(json.dumps(results))
+    return 0
+
+
+def cmd_config(argv: list[str]) -> int:
+    from bigtrain.config import Config
+
+    if argv[:1] == ["describe"]:
+        for key, tp, default, help_ in describe(Config):
+            print(f"{key:32s} {tp:28s} default={default!r}\n    {help_}")
+        return 0
+    if argv[:1] == ["show"] and len(argv) >= 2:
+        print(dump_yaml(load_config(argv[1], argv[2:])), end="")
+        return 0
+    print("usage: bigtrain config describe | bigtrain config show CONFIG [key=value ...]")
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bigtrain.checkpoint import CheckpointError
+    from data_pipeline import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else EXIT_BAD_INPUT
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "train":
+            return cmd_train(rest)
+        if cmd == "eval":
+            return cmd_eval(rest)
+        if cmd == "config":
+            return cmd_config(rest)
+        if cmd == "data":
+            from data_pipeline.cli import main as data_main
+
+            return data_main(rest, prog="bigtrain data")
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
+    return EXIT_BAD_INPUT

@@ -1,0 +1,17 @@
+"""Config loading: ``load_config("configs/vit/digits_tiny.yaml", ["train.steps=10"])``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigtrain.config.core import ConfigError, apply_overrides, describe, dump_yaml, from_dict, load_yaml
+from bigtrain.config.schema import Config
+
+__all__ = ["Config", "ConfigError", "load_config", "describe", "dump_yaml"]
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate everything."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(Config, data, list(overrides))
+    return from_dict(Config, data)

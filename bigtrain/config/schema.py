@@ -1,0 +1,187 @@
+"""The config schema: every key a run accepts, its type, default and meaning.
+
+``bigtrain config describe`` prints this table; ``configs/*.yaml`` files and
+``key=value`` overrides are validated against it before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bigtrain.config.core import ConfigError, doc
+
+
+@dataclass
+class RunConfig:
+    dir: str = doc("runs/default", "Output directory: config.yaml, metrics.jsonl, checkpoints/ go here.")
+    name: str = doc("", "Human-readable run name (wandb run name); defaults to the basename of run.dir.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc(1000, "Number of optimizer steps.")
+    seed: int = doc(0, "Seed for model init, data order, augmentation and dropout.")
+    global_batch_size: int = doc(128, "Samples per optimizer step, summed over all data-parallel ranks.")
+    micro_batch_size: int = doc(
+        0,
+        "Samples per forward/backward on one rank; global_batch_size / (dp * micro_batch_size) "
+        "micro-steps are accumulated. 0 = no accumulation.",
+    )
+    dtype: Literal["float32", "bfloat16"] = doc("float32", "Compute dtype (autocast); master weights stay fp32.")
+    num_threads: int = doc(0, "torch intra-op threads per process; 0 keeps torch's default.")
+    max_minutes: float = doc(0.0, "Stop (after saving a checkpoint) once this wall time is used; 0 = no limit.")
+
+
+@dataclass
+class DataConfig:
+    dir: str = doc("data/digits", "Dataset root holding webdataset shards (written here when missing and source allows).")
+    source: Literal["digits", "none"] = doc(
+        "digits", "What to write into data.dir if it has no shards: 'digits' (embedded sklearn digits) or 'none' (error)."
+    )
+    train_split: str = doc("train", "Split name (shard prefix) used for training.")
+    eval_split: str = doc("test", "Split name (shard prefix) used for evaluation.")
+    image_size: int = doc(32, "Images are resized to this square size.")
+    channels: Literal[1, 3] = doc(1, "1 = grayscale, 3 = RGB.")
+    mean: list[float] = doc([0.5], "Per-channel normalisation mean (one value broadcasts).")
+    std: list[float] = doc([0.5], "Per-channel normalisation std (one value broadcasts).")
+    augment: Literal["none", "crop", "crop_flip"] = doc("crop", "Training augmentation: random crop after padding, optional flip.")
+    crop_padding: int = doc(2, "Pixels of padding before the random crop.")
+    shuffle_window: int = doc(
+        4, "Samples are shuffled within windows of this many consecutive shards (after shuffling shard order)."
+    )
+    num_workers: int = doc(0, "DataLoader worker processes per rank.")
+    on_error: Literal["skip", "raise"] = doc("skip", "Corrupt/undecodable samples: count and skip, or stop with an error.")
+    max_error_fraction: float = doc(0.05, "With on_error=skip, stop if more than this fraction of samples read were bad.")
+    samples_per_shard: int = doc(256, "Shard size used when writing the embedded data set.")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["vit"] = doc("vit", "Model family.")
+    variant: str = doc("Ti", "Size from 'Scaling Vision Transformers' (Ti,S,M,B,L,H,g,G) or 'custom'.")
+    width: int = doc(0, "Hidden size; 0 = from variant.")
+    depth: int = doc(0, "Number of blocks; 0 = from variant.")
+    mlp_dim: int = doc(0, "MLP hidden size; 0 = from variant.")
+    num_heads: int = doc(0, "Attention heads; 0 = from variant.")
+    patch_size: int = doc(4, "Square patch size in pixels.")
+    image_size: int = doc(32, "Input resolution (must equal data.image_size).")
+    in_channels: int = doc(1, "Input channels (must equal data.channels).")
+    num_classes: int = doc(10, "Classifier outputs.")
+    head: Literal["cls", "gap", "map"] = doc("map", "Pooling: class token, global average pool, or multihead attention pooling.")
+    posemb: Literal["learned", "sincos2d"] = doc("learned", "Position embedding type.")
+    dropout: float = doc(0.0, "Dropout on attention output, MLP output and before the classifier.")
+    head_zero_init: bool = doc(True, "Zero-init the classifier (big_vision default).")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = doc("adamw", "Optimizer.")
+    lr: float = doc(1e-3, "Peak learning rate.")
+    beta1: float = doc(0.9, "Adam beta1 / SGD momentum.")
+    beta2: float = doc(0.999, "Adam beta2.")
+    eps: float = doc(1e-8, "Adam epsilon.")
+    weight_decay: float = doc(1e-4, "Decoupled weight decay of body weights (not norms/biases/position embeddings).")
+    head_weight_decay: float = doc(
+        -1.0, "Decoupled weight decay of the classifier head (paper: much larger than body); -1 = same as weight_decay."
+    )
+    head_lr_mult: float = doc(1.0, "Learning-rate multiplier of the classifier head.")
+    grad_clip_norm: float = doc(1.0, "Clip global gradient norm to this value; 0 = no clipping.")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = doc(0, "Linear warmup from 0 to optim.lr over this many steps.")
+    decay: Literal["constant", "cosine", "linear", "rsqrt"] = doc("cosine", "Shape after warmup.")
+    rsqrt_timescale: int = doc(10000, "rsqrt decay: lr * 1/sqrt(1 + (step - warmup) / timescale).")
+    cooldown_steps: int = doc(0, "Linear cooldown to zero over the last N steps (multiplies the decay shape).")
+    final_lr_ratio: float = doc(0.0, "cosine/linear: end value as a fraction of optim.lr.")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = doc(0, "Evaluate every N steps; 0 = only at the end of training.")
+    batch_size: int = doc(256, "Evaluation batch size (per rank).")
+    fewshot: bool = doc(True, "Run few-shot linear probes on frozen pre-logit features.")
+    fewshot_shots: list[int] = doc([1, 5, 10], "Shots per class for the few-shot probes.")
+    fewshot_seeds: int = doc(3, "Random draws of the shot set per shot count (results averaged).")
+    fewshot_l2: list[float] = doc(
+        [2.0**k for k in range(-10, 11, 2)], "Ridge regularisation grid (picked on held-out train samples)."
+    )
+    fewshot_max_train: int = doc(5000, "Cap on train-split samples whose features are extracted for the probes.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = doc(0, "Save every N steps; 0 = only at the end.")
+    keep_last: int = doc(3, "Keep this many most recent checkpoints (older complete ones are deleted); 0 = keep all.")
+    keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0 = none.")
+    save_final: bool = doc(True, "Save a checkpoint after the last step.")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = doc(10, "Write a training record to metrics.jsonl every N steps.")
+    progress: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto = only when stderr is a terminal.")
+    wandb: bool = doc(False, "Also log to Weights & Biases (set WANDB_MODE=offline to log locally).")
+    wandb_project: str = doc("bigtrain", "wandb project name.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run output."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training loop."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer."})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "LR schedule."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
+    task: Literal["classification"] = doc("classification", "Training objective.")
+    resume: str = doc("auto", "'auto' = latest complete checkpoint in run.dir if any, 'never', or a checkpoint path.")
+
+    def validate(self) -> None:
+        """Cross-field checks that need more than one section."""
+        t, m, d, s = self.train, self.model, self.data, self.schedule
+        _positive("train.steps", t.steps)
+        _positive("train.global_batch_size", t.global_batch_size)
+        if t.micro_batch_size < 0:
+            raise ConfigError("config key 'train.micro_batch_size' must be >= 0")
+        if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(
+                f"config key 'train.global_batch_size' ({t.global_batch_size}) is not divisible by "
+                f"'train.micro_batch_size' ({t.micro_batch_size})"
+            )
+        if m.image_size != d.image_size:
+            raise ConfigError(f"config key 'model.image_size' ({m.image_size}) must equal 'data.image_size' ({d.image_size})")
+        if m.in_channels != d.channels:
+            raise ConfigError(f"config key 'model.in_channels' ({m.in_channels}) must equal 'data.channels' ({d.channels})")
+        if m.image_size % m.patch_size:
+            raise ConfigError(f"config key 'model.patch_size' ({m.patch_size}) must divide model.image_size ({m.image_size})")
+        for key in ("mean", "std"):
+            vals = getattr(d, key)
+            if len(vals) not in (1, d.channels):
+                raise ConfigError(f"config key 'data.{key}' needs 1 or {d.channels} values, got {len(vals)}")
+        if any(v <= 0 for v in d.std):
+            raise ConfigError("config key 'data.std' must be positive")
+        _positive("data.shuffle_window", d.shuffle_window)
+        _positive("data.samples_per_shard", d.samples_per_shard)
+        _positive("model.num_classes", m.num_classes)
+        if s.warmup_steps < 0 or s.cooldown_steps < 0:
+            raise ConfigError("config keys 'schedule.warmup_steps'/'schedule.cooldown_steps' must be >= 0")
+        if s.warmup_steps + s.cooldown_steps > t.steps:
+            raise ConfigError(
+                f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' "
+                f"({s.warmup_steps}+{s.cooldown_steps}) exceed 'train.steps' ({t.steps})"
+            )
+        _positive("schedule.rsqrt_timescale", s.rsqrt_timescale)
+        if any(k <= 0 for k in self.eval.fewshot_shots):
+            raise ConfigError("config key 'eval.fewshot_shots' must hold positive shot counts")
+        if self.resume == "":
+            raise ConfigError("config key 'resume' must be 'auto', 'never' or a checkpoint path")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"config key '{key}' must be > 0, got {value}")

@@ -1,0 +1,77 @@
+"""Top-1 accuracy on a held-out split plus few-shot linear probes on frozen features."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigtrain.config.schema import EvalConfig
+from bigtrain.eval.fewshot import fewshot_accuracy
+from data_pipeline import ImageSpec, SplitInfo, sequential_batches
+
+
+class ClassificationEvaluator:
+    """``evaluator(model)`` -> ``{"eval/top1", "eval/loss", "eval/fewshot_{k}shot_top1", ...}``.
+
+    The model must provide ``features(images)`` (pre-logits) and ``head`` (the
+    classifier), as the ViT does; logits are computed from the same features so
+    each image is encoded once.
+    """
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        train_split: SplitInfo,
+        eval_split: SplitInfo,
+        spec: ImageSpec,
+        num_classes: int,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        num_workers: int = 0,
+    ) -> None:
+        self.cfg, self.train_split, self.eval_split = cfg, train_split, eval_split
+        self.spec, self.num_classes, self.autocast, self.num_workers = spec, num_classes, autocast, num_workers
+
+    @torch.no_grad()
+    def _encode(self, model: nn.Module, split: SplitInfo, limit: int, logits: bool) -> dict[str, np.ndarray]:
+        feats, labels, outs = [], [], []
+        for batch in sequential_batches(split, self.spec, self.cfg.batch_size, limit=limit, num_workers=self.num_workers):
+            if batch["num_samples"] == 0:
+                continue
+            with self.autocast():
+                f = model.features(batch["image"])
+                if logits:
+                    outs.append(model.head(f).float())
+            feats.append(f.float())
+            labels.append(batch["label"])
+        result = {"features": torch.cat(feats).numpy(), "labels": torch.cat(labels).numpy()}
+        if logits:
+            result["logits"] = torch.cat(outs)
+        return result
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            test = self._encode(model, self.eval_split, 0, logits=True)
+            labels = torch.from_numpy(test["labels"])
+            metrics = {
+                "eval/top1": float((test["logits"].argmax(-1) == labels).float().mean()),
+                "eval/loss": float(F.cross_entropy(test["logits"], labels)),
+                "eval/num_samples": int(len(labels)),
+            }
+            if self.cfg.fewshot:
+                train = self._encode(model, self.train_split, self.cfg.fewshot_max_train, logits=False)
+                accs = fewshot_accuracy(
+                    train["features"], train["labels"], test["features"], test["labels"],
+                    self.num_classes, self.cfg.fewshot_shots, self.cfg.fewshot_seeds, self.cfg.fewshot_l2,
+                )
+                metrics.update({f"eval/fewshot_{k}shot_top1": v for k, v in accs.items()})
+        finally:
+            model.train(was_training)
+        return metrics

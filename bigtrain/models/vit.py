@@ -1,0 +1,260 @@
+"""Vision Transformer, written for one device (parallelism is applied from outside).
+
+Sizes follow "Scaling Vision Transformers" (Zhai et al., 2022, table 2). Heads:
+``cls`` (class token), ``gap`` (global average pool) and ``map`` (multihead
+attention pooling, the paper's choice, which needs no class token).
+
+Blocks live in ``self.blocks`` (a ``ModuleDict`` keyed "0", "1", ...), so
+pipeline stages can drop blocks and checkpoint keys stay the same.
+Attention uses separate q/k/v projections and reshapes with ``-1`` heads, so
+column-sharding those projections shards heads without touching this code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name: (width, depth, mlp_dim, heads)
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+
+@dataclass(frozen=True)
+class ViTArgs:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int = 16
+    image_size: int = 224
+    in_channels: int = 3
+    num_classes: int = 1000
+    head: str = "map"  # cls | gap | map
+    posemb: str = "learned"  # learned | sincos2d
+    dropout: float = 0.0
+    head_zero_init: bool = True
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: object) -> ViTArgs:
+        """``from_variant("G", patch_size=14)``; zero/None overrides keep the table value."""
+        if variant == "custom":
+            base = {}
+        elif variant in VIT_SIZES:
+            w, d, m, h = VIT_SIZES[variant]
+            base = {"width": w, "depth": d, "mlp_dim": m, "num_heads": h}
+        else:
+            raise ValueError(f"unknown ViT variant {variant!r}; choose from {sorted(VIT_SIZES)} or 'custom'")
+        base.update({k: v for k, v in overrides.items() if v not in (None, 0) or k in ("dropout",)})
+        missing = [k for k in ("width", "depth", "mlp_dim", "num_heads") if not base.get(k)]
+        if missing:
+            raise ValueError(f"ViT variant 'custom' needs {missing} set")
+        args = cls(**base)  # type: ignore[arg-type]
+        args.check()
+        return args
+
+    def check(self) -> None:
+        if self.width % self.num_heads:
+            raise ValueError(f"ViT width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+        if self.head not in ("cls", "gap", "map"):
+            raise ValueError(f"unknown ViT head {self.head!r}")
+        if self.posemb not in ("learned", "sincos2d"):
+            raise ValueError(f"unknown ViT posemb {self.posemb!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_patches + (1 if self.head == "cls" else 0)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``kv`` defaults to ``x`` (self-attention)."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.head_dim = width // num_heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+        kv = x if kv is None else kv
+        b, n, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # -1: local head count under tensor parallelism
+            return t.view(t.shape[0], t.shape[1], -1, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(kv)), heads(self.v(kv)))
+        return self.drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block."""
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = MLP(width, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over all tokens (big_vision)."""
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, 1, width))
+        self.attn = Attention(width, num_heads)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = MLP(width, mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.probe.expand(x.shape[0], -1, -1), kv=x)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]
+
+
+def sincos2d(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, shape (1, grid*grid, width)."""
+    if width % 4:
+        raise ValueError("sincos2d position embedding needs width divisible by 4")
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / (10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4 - 1 or 1)))
+    y = y.flatten()[:, None] * omega[None]
+    x = x.flatten()[:, None] * omega[None]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)[None]
+
+
+class ViT(nn.Module):
+    def __init__(self, args: ViTArgs) -> None:
+        super().__init__()
+        args.check()
+        self.args = args
+        w = args.width
+        self.patch_embed = nn.Conv2d(args.in_channels, w, kernel_size=args.patch_size, stride=args.patch_size)
+        grid = args.image_size // args.patch_size
+        if args.posemb == "learned":
+            self.pos_embed = nn.Parameter(torch.empty(1, args.num_patches, w))
+        else:
+            self.register_buffer("pos_embed", sincos2d(grid, w), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, w)) if args.head == "cls" else None
+        self.drop = nn.Dropout(args.dropout)
+        self.blocks = nn.ModuleDict(
+            {str(i): Block(w, args.mlp_dim, args.num_heads, args.dropout) for i in range(args.depth)}
+        )
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.pool = MAPHead(w, args.mlp_dim, args.num_heads) if args.head == "map" else None
+        self.head = nn.Linear(w, args.num_classes) if args.num_classes > 0 else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """big_vision-style init: xavier linears, lecun patch embedding, zero head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        fan_in = self.patch_embed.in_channels * self.patch_embed.kernel_size[0] ** 2
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=1.0 / math.sqrt(self.args.width))
+        if self.pool is not None:
+            nn.init.xavier_uniform_(self.pool.probe.view(1, -1))
+        if self.head is not None and self.args.head_zero_init:
+            nn.init.zeros_(self.head.weight)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.drop(x)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features (what few-shot probes are fitted on)."""
+        x = self.embed(images)
+        for block in self.blocks.values():
+            x = block(x)
+        x = self.norm(x)
+        if self.args.head == "cls":
+            return x[:, 0]
+        if self.args.head == "gap":
+            return x.mean(dim=1)
+        assert self.pool is not None
+        return self.pool(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images)
+        return self.head(self.drop(x)) if self.head is not None else x
+
+    # --- introspection used by optimizers, logging and benchmarks -----------------
+    def num_params(self, trunk_only: bool = False) -> int:
+        """Parameter count; ``trunk_only`` excludes pooling head and classifier (the paper's count)."""
+        skip = ("pool.", "head.") if trunk_only else ()
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(skip))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: norms, biases, embeddings/tokens/probes."""
+        names = set()
+        for n, p in self.named_parameters():
+            if p.ndim < 2 or n in ("pos_embed", "cls_token", "pool.probe"):
+                names.add(n)
+        return names
+
+    def head_param_names(self) -> set[str]:
+        """The classifier: gets the decoupled head weight decay and LR multiplier."""
+        return {n for n, _ in self.named_parameters() if n.startswith("head.")}
+
+    def train_flops_per_sample(self) -> float:
+        """Matmul FLOPs of forward + backward (3x forward) for one image."""
+        a = self.args
+        n, w = a.seq_len, a.width
+        fwd = 2 * a.num_patches * a.in_channels * a.patch_size**2 * w  # patch embedding
+        attn_proj = 4 * 2 * n * w * w
+        attn_scores = 2 * 2 * n * n * w  # QK^T and attention @ V
+        mlp = 2 * 2 * n * w * a.mlp_dim
+        fwd += a.depth * (attn_proj + attn_scores + mlp)
+        if a.head == "map":  # one query token attending over n tokens
+            fwd += 2 * w * w * 2 + 2 * 2 * n * w * w + 2 * 2 * n * w + 2 * 2 * w * a.mlp_dim
+        if a.num_classes > 0:
+            fwd += 2 * w * a.num_classes
+        return 3.0 * fwd
+

@@ -1,0 +1,46 @@
+"""Parameter groups (decay / no-decay / head) and optimizer construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigtrain.config.schema import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, head_weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into body-decay, no-decay and head groups.
+
+    The model names its exempt parameters (``no_weight_decay()``: norms, biases,
+    position embeddings, tokens) and its classifier (``head_param_names()``),
+    which gets its own decoupled weight decay and LR multiplier, as in
+    "Scaling Vision Transformers". Group order is fixed, so optimizer
+    checkpoints line up between runs.
+    """
+    no_wd = getattr(model, "no_weight_decay", lambda: set())()
+    head = getattr(model, "head_param_names", lambda: set())()
+    groups: dict[str, dict[str, Any]] = {
+        "decay": {"params": [], "names": [], "weight_decay": weight_decay, "lr_mult": 1.0},
+        "no_decay": {"params": [], "names": [], "weight_decay": 0.0, "lr_mult": 1.0},
+        "head_decay": {"params": [], "names": [], "weight_decay": head_weight_decay, "lr_mult": head_lr_mult},
+        "head_no_decay": {"params": [], "names": [], "weight_decay": 0.0, "lr_mult": head_lr_mult},
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = ("head_" if name in head else "") + ("no_decay" if name in no_wd else "decay")
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [dict(g, group=k) for k, g in groups.items() if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    head_wd = cfg.weight_decay if cfg.head_weight_decay < 0 else cfg.head_weight_decay
+    groups = param_groups(model, cfg.weight_decay, head_wd, cfg.head_lr_mult)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")

@@ -1,0 +1,142 @@
+"""Turn a validated :class:`Config` into the pieces the trainer runs.
+
+This is the only place that knows which model, task, data and evaluator a
+config means; the trainer itself never branches on the task type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bigtrain.checkpoint import Checkpointer
+from bigtrain.config import Config, ConfigError
+from bigtrain.eval import ClassificationEvaluator
+from bigtrain.models.vit import ViT, ViTArgs
+from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer
+from bigtrain.tasks import ClassificationTask
+from bigtrain.trainer import Trainer
+from data_pipeline import DataError, GlobalOrder, ImageBatchDataset, ImageSpec, SplitInfo, TrainStream, load_split
+from data_pipeline.index import find_foreign_shards, read_index
+from data_pipeline.writer import write_digits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits; single-process defaults."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def ensure_data(cfg: Config) -> None:
+    """Write the embedded data set into ``data.dir`` if it holds no shards for the train split."""
+    d = cfg.data
+    have_index = os.path.isdir(d.dir) and (read_index(d.dir) or {}).get("splits", {}).get(d.train_split)
+    if have_index or (os.path.isdir(d.dir) and find_foreign_shards(d.dir, d.train_split)):
+        return
+    if d.source == "none":
+        raise DataError(f"data.dir={d.dir!r} has no shards for split '{d.train_split}' and data.source=none")
+    log.info("writing the embedded digits data set into %s", d.dir)
+    write_digits(d.dir, image_size=d.image_size, samples_per_shard=d.samples_per_shard, seed=0)
+
+
+def image_spec(cfg: Config, train: bool) -> ImageSpec:
+    d = cfg.data
+    return ImageSpec(
+        image_size=d.image_size, channels=d.channels, num_classes=cfg.model.num_classes, mean=list(d.mean),
+        std=list(d.std), augment=d.augment if train else "none", crop_padding=d.crop_padding, on_error=d.on_error,
+    )
+
+
+def vit_args(cfg: Config) -> ViTArgs:
+    m = cfg.model
+    try:
+        return ViTArgs.from_variant(
+            m.variant, width=m.width, depth=m.depth, mlp_dim=m.mlp_dim, num_heads=m.num_heads,
+            patch_size=m.patch_size, image_size=m.image_size, in_channels=m.in_channels, num_classes=m.num_classes,
+            head=m.head, posemb=m.posemb, dropout=m.dropout, head_zero_init=m.head_zero_init,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def build_model(cfg: Config) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)  # init depends on the seed only, not on what ran before
+    return ViT(vit_args(cfg))
+
+
+def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
+    train = load_split(cfg.data.dir, cfg.data.train_split)
+    evals = load_split(cfg.data.dir, cfg.data.eval_split)
+    for info in (train, evals):
+        if info.num_classes > cfg.model.num_classes:
+            raise ConfigError(
+                f"config key 'model.num_classes' ({cfg.model.num_classes}) is smaller than the "
+                f"{info.num_classes} classes recorded in {cfg.data.dir}/index.json"
+            )
+        for damaged in info.damaged_shards:
+            log.warning("damaged shard, readable part kept: %s", damaged)
+    return train, evals
+
+
+def micro_batch_size(cfg: Config, dp_size: int) -> int:
+    per_rank, rem = divmod(cfg.train.global_batch_size, dp_size)
+    if rem:
+        raise ConfigError(
+            f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}) is not divisible by the "
+            f"data-parallel size {dp_size}"
+        )
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"config key 'train.micro_batch_size' ({micro}) does not divide the per-rank batch {per_rank} "
+            f"(global {cfg.train.global_batch_size} / dp {dp_size})"
+        )
+    return micro
+
+
+def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
+    if env.world_size != 1:
+        raise ConfigError(
+            f"launched with {env.world_size} processes, but this version of bigtrain trains on one process only"
+        )
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    micro = micro_batch_size(cfg, dp_size=1)
+    ensure_data(cfg)
+    train_split, eval_split = load_splits(cfg)
+    model = build_model(cfg)
+    task = ClassificationTask(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    s = cfg.schedule
+    spec = ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
+    schedule = LRSchedule(optimizer, cfg.optim.lr, spec)
+    order = GlobalOrder([sh.num_samples for sh in train_split.shards], cfg.train.seed, cfg.data.shuffle_window)
+    dataset = ImageBatchDataset(train_split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
+    stream = TrainStream(
+        dataset, cfg.train.global_batch_size, micro, num_workers=cfg.data.num_workers,
+        max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
+    )
+    checkpointer = Checkpointer(cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank, env.world_size)
+    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, rank=env.rank)
+    trainer.evaluator = ClassificationEvaluator(
+        cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
+        autocast=trainer.autocast, num_workers=cfg.data.num_workers,
+    )
+    log.info(
+        "model: ViT %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
+        cfg.model.variant, model.num_params() / 1e6, model.train_flops_per_sample() / 1e9,
+        train_split.num_samples, eval_split.num_samples,
+    )
+    return trainer

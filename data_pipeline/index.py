@@ -1,0 +1,124 @@
+"""Shard sets: our JSON index, or discovery of foreign webdataset tars.
+
+Layout written by :mod:`data_pipeline.writer`::
+
+    DIR/index.json               {"format": ..., "splits": {split: {"shards": [...], ...}}}
+    DIR/{split}-000000.tar ...   webdataset shards
+
+Shards written by other tools are found by the same naming (``{split}-*.tar`` or
+``{split}/*.tar``) and counted by scanning their headers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from data_pipeline.tario import scan_shard
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "bigtrain-wds-index/1"
+
+
+class DataError(ValueError):
+    """A data problem the user must fix (missing path, empty or unreadable shards)."""
+
+
+@dataclass
+class ShardInfo:
+    name: str  # path relative to the data directory
+    num_samples: int
+
+
+@dataclass
+class SplitInfo:
+    """Everything a loader needs to define a global sample order over one split."""
+
+    root: str
+    shards: list[ShardInfo]
+    num_classes: int = 0  # 0 = unknown (foreign shards)
+    classes: list[str] = field(default_factory=list)
+    damaged_shards: list[str] = field(default_factory=list)  # found while counting foreign shards
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def path(self, shard: int) -> str:
+        return os.path.join(self.root, self.shards[shard].name)
+
+
+def read_index(root: str) -> dict[str, Any] | None:
+    path = os.path.join(root, INDEX_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if data.get("format") != INDEX_FORMAT:
+        raise DataError(f"{path}: unknown index format {data.get('format')!r} (expected {INDEX_FORMAT!r})")
+    return data
+
+
+def write_split_index(root: str, split: str, shards: list[ShardInfo], extra: dict[str, Any]) -> None:
+    """Add/replace one split in ``index.json`` atomically (write temp file, then rename)."""
+    data = read_index(root) or {"format": INDEX_FORMAT, "splits": {}}
+    data["splits"][split] = {
+        "shards": [asdict(s) for s in shards],
+        "num_samples": sum(s.num_samples for s in shards),
+        **extra,
+    }
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".index-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the index is meant to be shared
+    os.replace(tmp, os.path.join(root, INDEX_NAME))
+
+
+def find_foreign_shards(root: str, split: str) -> list[str]:
+    patterns = [f"{split}-*.tar", f"{split}_*.tar", os.path.join(split, "*.tar")]
+    for pattern in patterns:
+        found = sorted(glob.glob(os.path.join(root, pattern)))
+        if found:
+            return [os.path.relpath(p, root) for p in found]
+    return []
+
+
+def load_split(root: str, split: str) -> SplitInfo:
+    """Describe one split, from our index if present, else by scanning foreign tars."""
+    if not os.path.isdir(root):
+        raise DataError(f"data directory not found: {root}")
+    index = read_index(root)
+    if index is not None and split in index["splits"]:
+        entry = index["splits"][split]
+        shards = [ShardInfo(**s) for s in entry["shards"]]
+        missing = [s.name for s in shards if not os.path.isfile(os.path.join(root, s.name))]
+        if missing:
+            raise DataError(f"{root}/{INDEX_NAME} lists shards that do not exist: {missing[:3]}")
+        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []))
+    else:
+        names = find_foreign_shards(root, split)
+        if not names:
+            known = sorted(index["splits"]) if index else []
+            raise DataError(
+                f"no shards for split '{split}' in {root} (looked for index.json, {split}-*.tar, {split}/*.tar)"
+                + (f"; index.json has splits {known}" if known else "")
+            )
+        shards, damaged = [], []
+        for name in names:
+            scan = scan_shard(os.path.join(root, name))
+            if scan.error:
+                damaged.append(f"{name}: {scan.error}")
+            shards.append(ShardInfo(name, len(scan.samples)))
+        info = SplitInfo(root, [s for s in shards if s.num_samples > 0], damaged_shards=damaged)
+    if info.num_samples == 0:
+        raise DataError(f"split '{split}' in {root} has no readable samples (empty or corrupt shards)")
+    return info

@@ -1,0 +1,241 @@
+"""Deterministic, resumable image loaders over webdataset shards.
+
+``TrainStream`` walks the global order (:mod:`data_pipeline.order`): for step k
+it takes positions ``[k*B, (k+1)*B)``, each data-parallel rank keeps its
+contiguous slice and splits it into micro-batches. A DataLoader item is a whole
+micro-batch, so workers only change *who* decodes a batch, never its content.
+Augmentation randomness is seeded by (seed, position), hence identical across
+layouts and after resume. State = the global consumed-samples counter.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline.index import DataError, SplitInfo
+from data_pipeline.order import GlobalOrder
+from data_pipeline.tario import ShardReader
+from data_pipeline.writer import IMAGE_EXTS
+
+log = logging.getLogger(__name__)
+
+
+class SampleError(ValueError):
+    """One sample could not be used (undecodable image, missing member, bad label)."""
+
+
+@dataclass
+class ImageSpec:
+    """How samples become tensors."""
+
+    image_size: int
+    channels: int
+    num_classes: int
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    augment: str = "none"  # none | crop | crop_flip
+    crop_padding: int = 0
+    on_error: str = "skip"  # skip | raise
+
+
+def decode_image(members: dict[str, bytes], spec: ImageSpec) -> np.ndarray:
+    """Encoded image member -> float32 HWC array in [0, 1] at the configured size."""
+    from PIL import Image
+
+    ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+    if ext is None:
+        raise SampleError(f"no image member (have {sorted(members)})")
+    try:
+        img = Image.open(io.BytesIO(members[ext]))
+        img = img.convert("L" if spec.channels == 1 else "RGB")
+        if img.size != (spec.image_size, spec.image_size):
+            img = img.resize((spec.image_size, spec.image_size), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise SampleError(f"image does not decode ({type(exc).__name__}: {exc})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def decode_label(members: dict[str, bytes], num_classes: int) -> int:
+    raw = members.get("cls", members.get("label"))
+    if raw is None:
+        raise SampleError(f"no label member 'cls' (have {sorted(members)})")
+    try:
+        label = int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise SampleError(f"label {raw[:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise SampleError(f"label {label} out of range for {num_classes} classes (check model.num_classes)")
+    return label
+
+
+def augment(arr: np.ndarray, spec: ImageSpec, rng: np.random.Generator) -> np.ndarray:
+    if spec.augment in ("crop", "crop_flip") and spec.crop_padding > 0:
+        p = spec.crop_padding
+        padded = np.pad(arr, ((p, p), (p, p), (0, 0)), mode="constant")
+        dy, dx = rng.integers(0, 2 * p + 1, size=2)
+        arr = padded[dy : dy + arr.shape[0], dx : dx + arr.shape[1]]
+    if spec.augment == "crop_flip" and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return arr
+
+
+class ImageBatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches: ``ds[[p0, p1, ...]]``."""
+
+    def __init__(self, split: SplitInfo, order: GlobalOrder, spec: ImageSpec, seed: int, train: bool) -> None:
+        self.split, self.order, self.spec, self.seed, self.train = split, order, spec, seed, train
+        self.reader: ShardReader | None = None  # opened lazily, per process
+        c = spec.channels
+        self.mean = np.asarray(spec.mean * (c if len(spec.mean) == 1 else 1), dtype=np.float32)
+        self.std = np.asarray(spec.std * (c if len(spec.std) == 1 else 1), dtype=np.float32)
+
+    def load(self, position: int) -> tuple[np.ndarray, int]:
+        if self.reader is None:
+            self.reader = ShardReader()
+        _, shard, index = self.order.lookup(position)
+        path = self.split.path(shard)
+        try:
+            _, members = self.reader.read(path, index)
+        except (IndexError, OSError) as exc:
+            raise SampleError(str(exc)) from None
+        arr = decode_image(members, self.spec)
+        label = decode_label(members, self.spec.num_classes)
+        if self.train and self.spec.augment != "none":
+            arr = augment(arr, self.spec, np.random.default_rng([self.seed, position, 7]))
+        return (arr - self.mean) / self.std, label
+
+    def __getitem__(self, positions: list[int]) -> dict[str, Any]:
+        images, labels, errors = [], [], []
+        for p in positions:
+            try:
+                arr, label = self.load(p)
+            except SampleError as exc:
+                _, shard, index = self.order.lookup(p)
+                msg = f"{self.split.shards[shard].name}#{index}: {exc}"
+                if self.spec.on_error == "raise":
+                    raise DataError(f"bad sample {msg} (set data.on_error=skip to count and skip)") from None
+                errors.append(msg)
+                continue
+            images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            labels.append(label)
+        c, s = self.spec.channels, self.spec.image_size
+        image = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, c, s, s)
+        return {
+            "image": image,
+            "label": torch.tensor(labels, dtype=torch.long),
+            "num_samples": len(labels),
+            "num_errors": len(errors),
+            "errors": errors[:3],
+        }
+
+    def __len__(self) -> int:  # only meaningful for the sequential (eval) order
+        return self.order.epoch_size
+
+
+def _loader(dataset: Dataset, batches: Any, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,  # items are already batches
+        sampler=batches,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # Our own generator: creating an iterator draws a base seed from it, and
+        # drawing from torch's global RNG instead would shift dropout masks
+        # depending on when the loader was (re)started, breaking exact resume.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class TrainStream:
+    """Infinite, resumable stream of per-rank micro-batches for each optimizer step."""
+
+    def __init__(
+        self,
+        dataset: ImageBatchDataset,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        max_error_fraction: float = 1.0,
+    ) -> None:
+        if global_batch_size % dp_size:
+            raise DataError(f"global batch size {global_batch_size} is not divisible by data-parallel size {dp_size}")
+        local = global_batch_size // dp_size
+        if local % micro_batch_size:
+            raise DataError(f"per-rank batch {local} is not divisible by micro batch size {micro_batch_size}")
+        self.dataset = dataset
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.max_error_fraction = max_error_fraction
+        self.consumed_samples = 0  # global, over all ranks: the whole resumable state
+        self.samples_read = self.errors = 0  # this rank's counters, for the error budget
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch_size // self.dp_size // self.micro_batch_size
+
+    def _positions(self, start: int) -> Iterator[list[int]]:
+        local = self.global_batch_size // self.dp_size
+        step_start = start
+        while True:
+            lo = step_start + self.dp_rank * local
+            for m in range(self.accum_steps):
+                a = lo + m * self.micro_batch_size
+                yield list(range(a, a + self.micro_batch_size))
+            step_start += self.global_batch_size
+
+    def next_step(self) -> list[dict[str, Any]]:
+        """This rank's micro-batches of the next optimizer step."""
+        if self._it is None:
+            self._it = iter(_loader(self.dataset, self._positions(self.consumed_samples), self.num_workers))
+        batches = [next(self._it) for _ in range(self.accum_steps)]
+        self.consumed_samples += self.global_batch_size
+        for b in batches:
+            self.samples_read += b["num_samples"] + b["num_errors"]
+            self.errors += b["num_errors"]
+            for msg in b["errors"]:
+                log.warning("skipped bad sample %s", msg)
+        if self.errors and self.errors > self.max_error_fraction * self.samples_read:
+            raise DataError(
+                f"{self.errors} of {self.samples_read} samples were bad, more than "
+                f"data.max_error_fraction={self.max_error_fraction}; last: {batches[-1]['errors'] or 'see log'}"
+            )
+        return batches
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed_samples / self.dataset.order.epoch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples, "seed": self.dataset.seed, "skipped_samples": self.errors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.dataset.seed:
+            log.warning("data seed changed on resume (%s -> %s): the sample order changes", state["seed"], self.dataset.seed)
+        self.consumed_samples = int(state["consumed_samples"])
+        self.errors = int(state.get("skipped_samples", 0))
+        self._it = None  # restart the DataLoader at the restored position
+
+
+def sequential_batches(
+    split: SplitInfo, spec: ImageSpec, batch_size: int, rank: int = 0, world: int = 1, limit: int = 0, num_workers: int = 0
+) -> Iterator[dict[str, Any]]:
+    """One pass over a split in stored order (no augmentation), this rank's contiguous share."""
+    order = GlobalOrder([s.num_samples for s in split.shards], seed=0, shuffle=False)
+    total = min(order.epoch_size, limit) if limit else order.epoch_size
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    chunks = [list(range(a, min(a + batch_size, hi))) for a in range(lo, hi, batch_size)]
+    dataset = ImageBatchDataset(split, order, spec, seed=0, train=False)
+    yield from _loader(dataset, chunks, num_workers)

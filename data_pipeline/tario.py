@@ -1,0 +1,129 @@
+"""Random access into webdataset tar shards by member offset.
+
+A webdataset sample is the group of consecutive tar members sharing a key
+(``path/key.ext``). We scan a shard's headers once (no payload is read) and keep
+``key -> {ext: (offset, size)}``; a sample is then a handful of ``pread``s.
+Any tar that follows webdataset naming works, whoever wrote it.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+from webdataset.tariterators import base_plus_ext
+
+
+@dataclass
+class SampleEntry:
+    """Where one sample's members live inside a shard."""
+
+    key: str
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (data offset, size)
+
+
+@dataclass
+class ShardScan:
+    """Result of scanning one shard: its samples and whether it was damaged."""
+
+    path: str
+    samples: list[SampleEntry]
+    error: str = ""  # non-empty when the shard was truncated or unreadable past some point
+
+
+def scan_shard(path: str) -> ShardScan:
+    """Index the samples of one tar shard, tolerating truncation.
+
+    A truncated shard keeps every sample whose members lie wholly inside the
+    file; the damage is reported in ``error`` so the caller can count it.
+    """
+    samples: list[SampleEntry] = []
+    error = ""
+    file_size = os.path.getsize(path)
+    by_key: dict[str, SampleEntry] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                base, ext = base_plus_ext(info.name)
+                if base is None or ext is None:
+                    continue
+                if info.offset_data + info.size > file_size:
+                    error = f"member {info.name} is truncated"
+                    break
+                entry = by_key.get(base)
+                if entry is None:
+                    entry = by_key[base] = SampleEntry(key=base)
+                    samples.append(entry)
+                entry.members[ext] = (info.offset_data, info.size)
+            else:
+                # tarfile stops silently at a cut header; a whole tar ends with two zero blocks.
+                tf.fileobj.seek(tf.offset)
+                if tf.fileobj.read(1024) != bytes(1024):
+                    error = "no end-of-archive marker (shard truncated)"
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    # A sample cut in half by truncation is incomplete: drop the last one if damaged.
+    if error and samples:
+        samples.pop()
+    return ShardScan(path=path, samples=samples, error=error)
+
+
+class ShardReader:
+    """Reads sample members by offset; keeps a small cache of open files and scans.
+
+    One instance per process (DataLoader workers each build their own after fork),
+    so no file handle is shared across processes.
+    """
+
+    def __init__(self, max_open: int = 16) -> None:
+        self._scans: dict[str, ShardScan] = {}
+        self._files: dict[str, int] = {}
+        self._max_open = max_open
+
+    def scan(self, path: str) -> ShardScan:
+        scan = self._scans.get(path)
+        if scan is None:
+            scan = self._scans[path] = scan_shard(path)
+        return scan
+
+    def _fd(self, path: str) -> int:
+        fd = self._files.get(path)
+        if fd is None:
+            if len(self._files) >= self._max_open:
+                old_path, old_fd = next(iter(self._files.items()))
+                os.close(old_fd)
+                del self._files[old_path]
+            fd = self._files[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read(self, path: str, index: int) -> tuple[str, dict[str, bytes]]:
+        """Return (key, {ext: bytes}) of the ``index``-th sample of a shard."""
+        scan = self.scan(path)
+        if index >= len(scan.samples):
+            raise IndexError(
+                f"sample {index} of {os.path.basename(path)} is missing "
+                f"(shard has {len(scan.samples)} readable samples{'; ' + scan.error if scan.error else ''})"
+            )
+        entry = scan.samples[index]
+        fd = self._fd(path)
+        out = {}
+        for ext, (offset, size) in entry.members.items():
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise OSError(f"short read of {entry.key}.{ext} in {path}")
+            out[ext] = data
+        return entry.key, out
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing useful to do
+            pass

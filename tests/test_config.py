@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
+from bigtrain.config.core import from_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs() -> None:
+    assert any(p.name == "digits_tiny.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_shipped_config_validates_and_has_header(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header).lower()
+    for word in ("command:", "hardware:", "time:", "result:"):
+        assert word in text, f"{path} header lacks {word!r}"
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(None, ["train.steps=7", "optim.lr=3e-4", "model.head=gap", "eval.fewshot_shots=[2,4]"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.head == "gap" and cfg.eval.fewshot_shots == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+        ("modle.head=map", "unknown config key 'modle.head'"),
+        ("model.head=mapp", "'mapp' is not one of"),
+        ("train.steps=ten", "config key 'train.steps': expected an integer"),
+        ("train.steps=true", "config key 'train.steps': expected an integer"),
+        ("log.wandb=maybe", "config key 'log.wandb': expected true/false"),
+        ("train.steps=0", "config key 'train.steps' must be > 0"),
+        ("model.patch_size=5", "model.patch_size"),
+        ("data.channels=3", "model.in_channels"),
+        ("novalue", "must look like key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 3\n  global_batch: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.global_batch' \(did you mean 'train.global_batch_size'\?\)"):
+        load_config(p)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_batch_divisibility_checked() -> None:
+    with pytest.raises(ConfigError, match="not divisible by 'train.micro_batch_size'"):
+        load_config(None, ["train.global_batch_size=10", "train.micro_batch_size=4"])
+
+
+def test_schedule_longer_than_run_rejected() -> None:
+    with pytest.raises(ConfigError, match="exceed 'train.steps'"):
+        load_config(None, ["train.steps=10", "schedule.warmup_steps=8", "schedule.cooldown_steps=5"])
+
+
+def test_dump_roundtrip_and_describe() -> None:
+    import yaml
+
+    cfg = load_config(None, ["train.steps=9"])
+    again = from_dict(Config, yaml.safe_load(dump_yaml(cfg)))
+    assert again == cfg
+    rows = describe(Config)
+    keys = {r[0] for r in rows}
+    assert {"run.dir", "train.steps", "train.seed", "train.global_batch_size", "checkpoint.every_steps", "resume", "data.dir"} <= keys
+    assert all(r[3] for r in rows), "every field documents itself"

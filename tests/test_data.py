@@ -1,0 +1,233 @@
+import io
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline import DataError, GlobalOrder, ImageBatchDataset, ImageSpec, TrainStream, load_split, sequential_batches
+from data_pipeline.writer import write_imagefolder
+
+SPEC = ImageSpec(image_size=16, channels=1, num_classes=10, augment="crop", crop_padding=2)
+
+
+def stream(split, seed=0, gbs=32, micro=16, rank=0, dp=1, workers=0, spec=SPEC, window=2):
+    order = GlobalOrder([s.num_samples for s in split.shards], seed, window)
+    ds = ImageBatchDataset(split, order, spec, seed, train=True)
+    return TrainStream(ds, gbs, micro, rank, dp, workers)
+
+
+def cat(batches):
+    return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+
+
+def png_bytes(value: int, size: int = 8, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, samples):
+    """samples: list of (key, {ext: bytes}) written as a plain tar, webdataset naming."""
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_digits_roundtrip(digits_dir):
+    train, test = load_split(digits_dir, "train"), load_split(digits_dir, "test")
+    assert train.num_samples + test.num_samples == 1797
+    assert train.num_classes == 10 and len(train.shards) == -(-train.num_samples // 128)
+    images, labels = [], []
+    for b in sequential_batches(test, ImageSpec(16, 1, 10), batch_size=100):
+        assert b["num_errors"] == 0
+        images.append(b["image"])
+        labels.append(b["label"])
+    x, y = torch.cat(images), torch.cat(labels)
+    assert x.shape == (test.num_samples, 1, 16, 16)
+    assert sorted(set(y.tolist())) == list(range(10))
+    # every class is about 20% held out (stratified split)
+    counts = np.bincount(y.numpy(), minlength=10)
+    assert counts.min() >= 30 and counts.max() <= 40
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_inspect_cli(digits_dir):
+    out = subprocess.run([sys.executable, "-m", "data_pipeline", "inspect", digits_dir], capture_output=True, text=True, check=True)
+    assert '"samples": 1438' in out.stdout or '"samples": 1437' in out.stdout
+
+
+def test_global_order_is_a_permutation_per_epoch():
+    order = GlobalOrder([5, 0, 7, 3], seed=1, window=2)
+    n = order.epoch_size
+    for epoch in range(3):
+        seen = {order.lookup(epoch * n + i)[1:] for i in range(n)}
+        assert len(seen) == n == 15
+    first = [order.lookup(i) for i in range(n)]
+    second = [order.lookup(n + i) for i in range(n)]
+    assert [s[1:] for s in first] != [s[1:] for s in second], "each epoch reshuffles"
+    assert [order.lookup(i) for i in range(n)] == first, "pure function of position"
+
+
+def test_batches_do_not_depend_on_workers(digits_dir):
+    split = load_split(digits_dir, "train")
+    a, b = stream(split, workers=0), stream(split, workers=2)
+    for _ in range(3):
+        xa, ya = cat(a.next_step())
+        xb, yb = cat(b.next_step())
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_global_batch_is_the_same_for_any_dp_size(digits_dir):
+    split = load_split(digits_dir, "train")
+    single = stream(split, gbs=32, micro=32)
+    ranks = [stream(split, gbs=32, micro=8, rank=r, dp=2) for r in range(2)]
+    for _ in range(3):
+        x1, y1 = cat(single.next_step())
+        parts = [cat(r.next_step()) for r in ranks]
+        assert torch.equal(x1, torch.cat([p[0] for p in parts])) and torch.equal(y1, torch.cat([p[1] for p in parts]))
+
+
+def test_exact_mid_stream_resume_across_epochs(digits_dir):
+    split = load_split(digits_dir, "train")
+    gbs = 200  # 1438 samples: steps 7..8 cross the first epoch boundary
+    full = stream(split, gbs=gbs, micro=100, workers=1)
+    reference = [cat(full.next_step()) for _ in range(10)]
+    part = stream(split, gbs=gbs, micro=100)
+    for _ in range(6):
+        part.next_step()
+    state = part.state_dict()
+    assert state["consumed_samples"] == 6 * gbs
+    resumed = stream(split, gbs=gbs, micro=50, workers=2)  # other micro size / workers: same samples
+    resumed.load_state_dict(state)
+    for step in range(6, 10):
+        x, y = cat(resumed.next_step())
+        assert torch.equal(x, reference[step][0]) and torch.equal(y, reference[step][1])
+
+
+def test_elastic_resume_changes_dp_without_repeating(digits_dir):
+    split = load_split(digits_dir, "train")
+    a = stream(split, gbs=32, micro=16, rank=1, dp=2)
+    for _ in range(3):
+        a.next_step()
+    b = stream(split, gbs=32, micro=32)
+    b.load_state_dict(a.state_dict())
+    ref = stream(split, gbs=32, micro=32)
+    for _ in range(3):
+        ref.next_step()
+    assert torch.equal(cat(b.next_step())[0], cat(ref.next_step())[0])
+
+
+def test_augmentation_differs_between_epochs_but_is_seeded(digits_dir):
+    split = load_split(digits_dir, "train")
+    n = split.num_samples
+    order = GlobalOrder([s.num_samples for s in split.shards], 0, 2)
+    ds = ImageBatchDataset(split, order, SPEC, 0, train=True)
+    # find the position of the first sample of epoch 0 again in epoch 1
+    target = order.lookup(0)[1:]
+    again = next(p for p in range(n, 2 * n) if order.lookup(p)[1:] == target)
+    x0, x1, x0b = ds[[0]]["image"], ds[[again]]["image"], ds[[0]]["image"]
+    assert torch.equal(x0, x0b)
+    assert not torch.equal(x0, x1)
+
+
+def test_imagefolder_and_foreign_tar(tmp_path):
+    src = tmp_path / "folder"
+    for c, value in (("cat", 10), ("dog", 200)):
+        (src / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 10), (value, value, value)).save(src / c / f"{i}.png")
+        Image.new("RGB", (12, 10), (value,) * 3).save(src / c / "x.jpeg")
+    out = tmp_path / "shards"
+    write_imagefolder(str(src), str(out), "train", samples_per_shard=3)
+    split = load_split(str(out), "train")
+    assert split.num_samples == 8 and split.classes == ["cat", "dog"] and len(split.shards) == 3
+    spec = ImageSpec(8, 3, 2, mean=[0.0], std=[1.0])
+    batch = next(sequential_batches(split, spec, batch_size=8))
+    assert batch["image"].shape == (8, 3, 8, 8)
+    bright = batch["image"].mean(dim=(1, 2, 3)) > 0.5
+    assert torch.equal(bright, batch["label"] == 1), "label follows the class directory"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    write_tar(foreign / "val-000000.tar", [(f"dir/s{i}", {"png": png_bytes(i * 20), "cls": str(i % 3).encode()}) for i in range(5)])
+    write_tar(foreign / "val-000001.tar", [(f"t{i}", {"jpg": png_bytes(7), "cls": b"1"}) for i in range(2)])
+    info = load_split(str(foreign), "val")
+    assert info.num_samples == 7 and info.num_classes == 0
+    batch = next(sequential_batches(info, ImageSpec(8, 1, 3, mean=[0.0], std=[1.0]), batch_size=10))
+    assert batch["num_samples"] == 7 and batch["label"].tolist()[:5] == [0, 1, 2, 0, 1]
+
+
+def test_corrupt_samples_skip_or_raise(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    good = {"png": png_bytes(100), "cls": b"1"}
+    samples = [("a", good), ("b", {"png": b"not an image", "cls": b"2"}), ("c", {"png": png_bytes(5), "cls": b"42"}), ("d", good), ("e", {"cls": b"1"})]
+    write_tar(root / "train-000000.tar", samples)
+    split = load_split(str(root), "train")
+    spec = ImageSpec(8, 1, 10)
+    batch = next(sequential_batches(split, spec, batch_size=5))
+    assert batch["num_samples"] == 2 and batch["num_errors"] == 3
+    assert any("does not decode" in e for e in batch["errors"]) and any("out of range" in e for e in batch["errors"])
+    with pytest.raises(DataError, match=r"train-000000.tar#1: image does not decode"):
+        next(sequential_batches(split, ImageSpec(8, 1, 10, on_error="raise"), batch_size=5))
+    # the error budget stops a run whose data is mostly bad
+    order = GlobalOrder([5], 0)
+    ts = TrainStream(ImageBatchDataset(split, order, spec, 0, True), 5, 5, max_error_fraction=0.5)
+    with pytest.raises(DataError, match="more than data.max_error_fraction"):
+        ts.next_step()
+
+
+def test_truncated_empty_and_missing_shards(tmp_path, digits_dir):
+    root = tmp_path / "trunc"
+    root.mkdir()
+    src = os.path.join(digits_dir, "train-000000.tar")
+    data = open(src, "rb").read()
+    (root / "train-000000.tar").write_bytes(data[: len(data) // 2 + 100])
+    info = load_split(str(root), "train")
+    assert info.damaged_shards and 0 < info.num_samples < 128
+    batch = next(sequential_batches(info, ImageSpec(16, 1, 10), batch_size=info.num_samples))
+    assert batch["num_errors"] == 0, "every sample kept from a truncated shard is whole"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_tar(empty / "train-000000.tar", [])
+    with pytest.raises(DataError, match="no readable samples"):
+        load_split(str(empty), "train")
+    (empty / "train-000000.tar").write_bytes(b"garbage" * 100)
+    with pytest.raises(DataError, match="no readable samples"):
+        load_split(str(empty), "train")
+    with pytest.raises(DataError, match="data directory not found"):
+        load_split(str(tmp_path / "nowhere"), "train")
+    with pytest.raises(DataError, match="no shards for split 'val'"):
+        load_split(digits_dir, "val")
+
+
+def test_index_listed_shard_truncated_later_is_counted(tmp_path, digits_dir):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(digits_dir, root)
+    path = root / "train-000001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    split = load_split(str(root), "train")  # index.json still claims 128 samples
+    order = GlobalOrder([s.num_samples for s in split.shards], 0, shuffle=False)
+    ds = ImageBatchDataset(split, order, ImageSpec(16, 1, 10), 0, train=False)
+    batch = ds[list(range(128, 256))]
+    assert batch["num_errors"] > 0 and batch["num_samples"] + batch["num_errors"] == 128
+    assert "missing" in batch["errors"][0]
+
+
+def test_data_pipeline_never_imports_bigtrain():
+    code = "import sys, data_pipeline, data_pipeline.cli; sys.exit(any(m.startswith('bigtrain') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = "import sys, bigtrain.models.vit; sys.exit(any(m.startswith(('bigtrain.distributed', 'torch.distributed.fsdp')) for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,193 @@
+"""End-to-end training: CLI, metrics, checkpoints, bit-exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from bigtrain.cli import main
+from bigtrain.trainer import EXIT_BAD_INPUT
+
+from conftest import ROOT, TEST_CONFIG
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def load_params(ckpt: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / (ckpt.name + ".pt")
+    dcp_to_torch_save(str(ckpt), str(out))
+    state = torch.load(out, weights_only=True)
+    return state["model"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=300)
+
+
+def test_train_writes_run_dir_and_resumes_bit_exactly(digits_dir: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = [f"data.dir={digits_dir}", f"run.dir={run}", "data.num_workers=1"]
+    proc = run_cli("train", str(TEST_CONFIG), *common)
+    assert proc.returncode == 0, proc.stderr
+    # outputs
+    assert (run / "config.yaml").is_file() and "global_batch_size: 32" in (run / "config.yaml").read_text()
+    train = records(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for key in ("step", "loss", "lr", "grad_norm", "samples_per_s", "step_time_s"):
+        assert all(key in r for r in train), key
+    assert train[0]["loss"] == pytest.approx(math.log(10), abs=1e-3), "zero-init head starts at chance"
+    evals = records(run, "eval")
+    assert [r["step"] for r in evals] == [6, 12]
+    assert any("top1" in k and "fewshot" in k for k in evals[-1])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000004", "step_00000008", "step_00000012"]
+    reference = load_params(run / "checkpoints" / "step_00000012")
+
+    # Simulate a crash after step 4: later checkpoints are gone, metrics run past it.
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    shutil.move(run / "checkpoints" / "step_00000012", tmp_path / "ref12")
+    proc = run_cli("train", str(TEST_CONFIG), *common, "resume=auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
+    resumed = records(run, "train")
+    assert [r["step"] for r in resumed] == list(range(1, 13)), "metrics.jsonl reads like one run"
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in train], "losses bit-identical after resume"
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in train]
+    final = load_params(run / "checkpoints" / "step_00000012")
+    assert final.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), name
+
+    # `bigtrain eval` on the final checkpoint reproduces the final evaluation
+    proc = run_cli("eval", str(TEST_CONFIG), *common)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eval/top1"] == pytest.approx(records(run, "eval")[-1]["eval/top1"])
+
+
+def test_in_process_resume_matches_with_changed_workers(tiny_cfg, tmp_path: Path) -> None:
+    """Resume under a different data-loader worker count continues the same stream."""
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import DistEnv, build_trainer
+
+    cfg = tiny_cfg("train.steps=6", "checkpoint.every_steps=3", "eval.every_steps=0", "eval.fewshot=false", "schedule.cooldown_steps=2")
+    full = build_trainer(cfg, DistEnv())
+    full.fit(MetricsLogger(cfg.run.dir, True))
+    losses = [r["loss"] for r in records(Path(cfg.run.dir), "train")]
+    shutil.rmtree(Path(cfg.run.dir) / "checkpoints" / "step_00000006")
+    cfg2 = tiny_cfg("train.steps=6", "checkpoint.every_steps=3", "eval.every_steps=0", "eval.fewshot=false", "schedule.cooldown_steps=2", "data.num_workers=2")
+    again = build_trainer(cfg2, DistEnv())
+    assert again.maybe_resume() == 3
+    again.fit(MetricsLogger(cfg.run.dir, True, resume_step=3))
+    assert [r["loss"] for r in records(Path(cfg.run.dir), "train")] == losses
+    for (n, a), (_, b) in zip(full.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_incomplete_checkpoints_are_never_picked(tiny_cfg) -> None:
+    from bigtrain.checkpoint import CheckpointError
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import DistEnv, build_trainer
+
+    cfg = tiny_cfg("train.steps=4", "eval.every_steps=0", "eval.fewshot=false", "schedule.cooldown_steps=1")
+    trainer = build_trainer(cfg, DistEnv())
+    trainer.fit(MetricsLogger(cfg.run.dir, True))
+    root = Path(cfg.run.dir) / "checkpoints"
+    # a save killed mid-way (temporary dir) and a directory with data but no completion marker
+    (root / ".tmp_step_00000008").mkdir()
+    (root / ".tmp_step_00000008" / "__0_0.distcp").write_bytes(b"partial")
+    shutil.copytree(root / "step_00000004", root / "step_00000006")
+    (root / "step_00000006" / "bigtrain_complete.json").unlink()
+    assert trainer.checkpointer.latest() == str(root / "step_00000004")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        trainer.checkpointer.resolve(str(root / "step_00000006"))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        trainer.checkpointer.resolve(str(root / "step_00000099"))
+
+
+def test_bf16_autocast_trains(tiny_cfg) -> None:
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import DistEnv, build_trainer
+
+    cfg = tiny_cfg("train.steps=3", "train.dtype=bfloat16", "eval.every_steps=0", "eval.fewshot=false", "schedule.cooldown_steps=1", "checkpoint.every_steps=0")
+    trainer = build_trainer(cfg, DistEnv())
+    assert trainer.fit(MetricsLogger(cfg.run.dir, True)) == 0
+    train = records(Path(cfg.run.dir), "train")
+    assert len(train) == 3 and all(0 < r["loss"] < 5 for r in train)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters()), "master weights stay fp32"
+
+
+def test_wandb_offline(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg()
+    rc = main(["train", str(TEST_CONFIG), f"data.dir={cfg.data.dir}", f"run.dir={cfg.run.dir}", "train.steps=3",
+               "schedule.cooldown_steps=1", "eval.fewshot=false", "log.wandb=true", "log.wandb_project=bigtrain-test"])
+    assert rc == 0
+    runs = list((Path(cfg.run.dir) / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote an offline run"
+    assert any(f.suffix == ".wandb" and f.stat().st_size > 0 for f in runs[0].iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+        (["data.dir=/nonexistent/x", "data.source=none"], "has no shards"),
+        (["train.global_batch_size=30"], "not divisible by 'train.micro_batch_size'"),
+        (["model.num_classes=5"], "model.num_classes"),
+        (["resume=/nonexistent/ckpt"], "no such checkpoint directory"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(digits_dir: str, tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_cli("train", str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={tmp_path / 'r'}", *args)
+    assert proc.returncode == EXIT_BAD_INPUT
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists(), "nothing was trained"
+
+
+def test_missing_config_file_and_unknown_command() -> None:
+    assert main(["train", "configs/nope.yaml"]) == EXIT_BAD_INPUT
+    assert main(["frobnicate"]) == EXIT_BAD_INPUT
+    assert main(["config", "describe"]) == 0
+
+
+def test_tiny_vit_learns_digits(tiny_cfg) -> None:
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import DistEnv, build_trainer
+
+    cfg = tiny_cfg("train.steps=200", "model.dropout=0.0", "eval.every_steps=0", "checkpoint.every_steps=0",
+                   "checkpoint.save_final=false", "schedule.warmup_steps=10", "schedule.cooldown_steps=40",
+                   "train.global_batch_size=64", "train.micro_batch_size=0")
+    trainer = build_trainer(cfg, DistEnv())
+    trainer.fit(MetricsLogger(cfg.run.dir, True))
+    # measured 0.65 top-1 (chance 0.10) for this 200-step, 16x16 run
+    assert trainer.last_eval["eval/top1"] > 0.4
+    assert trainer.last_eval["eval/fewshot_5shot_top1"] > 0.3
+
+
+@pytest.mark.slow
+def test_default_job_reaches_90_percent(tmp_path: Path) -> None:
+    """The README's main command, unchanged but for where it writes."""
+    proc = run_cli("train", "configs/vit/digits_tiny.yaml", f"run.dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["eval/top1"] > 0.9
