@@ -19,6 +19,7 @@ Stateful keys are fixed: ``model``, ``optimizer``, ``lr_schedule``,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -27,10 +28,11 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -44,8 +46,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 log = logging.getLogger(__name__)
-# Single-process DCP is deliberate here (same format as multi-rank runs); don't warn about it.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MARKER = "bigtrain_complete.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -122,6 +122,18 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(state["cuda"])
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns whenever it runs without a process group; single-process DCP is deliberate here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -196,7 +208,8 @@ class Checkpointer:
             if os.path.exists(tmp):  # left over by a crashed save of the same step
                 shutil.rmtree(tmp)
         self.barrier()
-        dcp.save(state, checkpoint_id=tmp)
+        with _single_process_ok():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
         self.barrier()  # every rank's shard is on disk before the commit
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world_size, "time": time.time(), "keys": sorted(state), **(extra or {})}
@@ -218,7 +231,8 @@ class Checkpointer:
     def load(self, path: str, state: dict[str, Stateful]) -> dict[str, Any]:
         if not is_complete(path):
             raise CheckpointError(f"{path} is not a complete checkpoint")
-        dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner(), no_dist=not _distributed())
         with open(os.path.join(path, MARKER)) as f:
             return json.load(f)
 

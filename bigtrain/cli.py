@@ -23,6 +23,7 @@ commands:
   train CONFIG [key=value ...]    train (resumes from run.dir/checkpoints with resume=auto)
   eval CONFIG [key=value ...]     evaluate the checkpoint chosen by `resume` (default: latest in run.dir)
   data ...                        write/inspect webdataset shards (see `bigtrain data --help`)
+  report RUN_DIR                  draw RUN_DIR/metrics.jsonl into RUN_DIR/report.png
   config describe                 list every config key with type, default and meaning
   config show CONFIG [key=value]  print the resolved config
 """
@@ -64,6 +65,9 @@ def cmd_train(argv: list[str]) -> int:
         summary.update(trainer.last_eval)
         with open(os.path.join(cfg.run.dir, "results.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        from bigtrain.report import make_report
+
+        make_report(cfg.run.dir)
         print(json.dumps(summary))
     return status
 
@@ -117,11 +121,18 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(rest)
         if cmd == "config":
             return cmd_config(rest)
+        if cmd == "report":
+            from bigtrain.report import make_report
+
+            if len(rest) != 1:
+                raise ConfigError("usage: bigtrain report RUN_DIR")
+            print(make_report(rest[0]))
+            return 0
         if cmd == "data":
             from data_pipeline.cli import main as data_main
 
             return data_main(rest, prog="bigtrain data")
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")

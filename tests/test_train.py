@@ -191,3 +191,23 @@ def test_default_job_reaches_90_percent(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["eval/top1"] > 0.9
+
+
+def test_report_png_and_progress_bar(tiny_cfg, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from bigtrain.metrics import MetricsLogger, Progress
+    from bigtrain.recipes import DistEnv, build_trainer
+    from bigtrain.report import make_report
+
+    cfg = tiny_cfg("train.steps=4", "schedule.cooldown_steps=1", "eval.every_steps=2", "eval.fewshot=false", "log.progress=on")
+    trainer = build_trainer(cfg, DistEnv())
+    trainer.fit(MetricsLogger(cfg.run.dir, True))
+    err = capsys.readouterr().err
+    assert "4/4" in err and "samples/s" in err, "progress bar shows steps, throughput"
+    png = make_report(cfg.run.dir)
+    img = Image.open(png)
+    assert img.size == (1040, 600)
+    assert len(set(img.convert("L").getdata())) > 5, "something was drawn"
+    bar = Progress(10, 0, "auto", enabled=True)  # stderr is not a TTY under pytest: no bar
+    assert bar.bar is None

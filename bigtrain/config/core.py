@@ -48,6 +48,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads on/off/yes/no as booleans; map back to the spelled choice.
+            spelled = ("on", "true", "yes") if value else ("off", "false", "no")
+            value = next((c for c in choices if c in spelled), value)
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,102 @@
+"""``bigtrain report RUN_DIR``: draw metrics.jsonl as a PNG (loss, LR, eval accuracy).
+
+Drawn with Pillow (already a dependency) so a report never needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+PANEL_W, PANEL_H, PAD = 520, 300, 48
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (is {run_dir} a bigtrain run directory?)")
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _short(key: str) -> str:
+    """eval/fewshot_10shot_top1 -> fewshot_10shot; eval/top1 -> top1."""
+    key = key.replace("eval/", "")
+    return key if key == "top1" else key.replace("_top1", "")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def draw_panel(title: str, series: dict[str, Sequence[tuple[float, float]]], log_y: bool = False) -> Image.Image:
+    """One line chart; ``series`` maps a label to (x, y) points."""
+    img = Image.new("RGB", (PANEL_W, PANEL_H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((PAD, 8), title, fill="black")
+    pts = [(x, y) for s in series.values() for x, y in s if isinstance(y, (int, float)) and math.isfinite(y)]
+    if log_y:
+        pts = [(x, y) for x, y in pts if y > 0]
+    if not pts:
+        d.text((PAD, PANEL_H // 2), "no data", fill="gray")
+        return img
+    tf = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(tf(p[1]) for p in pts), max(tf(p[1]) for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
+    left, top, right, bottom = PAD, 28, PANEL_W - 12, PANEL_H - 28
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (tf(y) - y0) / (y1 - y0) * (bottom - top)
+
+    d.rectangle([left, top, right, bottom], outline=(180, 180, 180))
+    for frac in (0.0, 0.5, 1.0):
+        yv = y0 + frac * (y1 - y0)
+        label = _fmt(10**yv if log_y else yv)
+        py = bottom - frac * (bottom - top)
+        d.text((4, py - 6), label, fill="black")
+        d.line([left, py, right, py], fill=(230, 230, 230))
+    d.text((left, bottom + 6), _fmt(x0), fill="black")
+    d.text((right - 40, bottom + 6), _fmt(x1), fill="black")
+    legend_x = left + 50  # legend under the plot, between the x tick labels: never over a curve
+    for i, (name, s) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        line = [to_px(x, y) for x, y in s if isinstance(y, (int, float)) and math.isfinite(y) and (y > 0 or not log_y)]
+        if len(line) > 1:
+            d.line(line, fill=color, width=2)
+        for px, py in line if len(line) <= 30 else []:
+            d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+        d.text((legend_x, bottom + 6), name, fill=color)
+        legend_x += 6 * len(name) + 14
+    return img
+
+
+def make_report(run_dir: str, out: str | None = None) -> str:
+    """Write ``run_dir/report.png``: training loss, learning rate, evaluation accuracies."""
+    recs = read_metrics(run_dir)
+    train = [r for r in recs if r.get("kind") == "train"]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    acc_keys = sorted({k for r in evals for k in r if "top1" in k})
+    panels = [
+        draw_panel("training loss", {"loss": [(r["step"], r["loss"]) for r in train if "loss" in r]}, log_y=True),
+        draw_panel("learning rate", {"lr": [(r["step"], r["lr"]) for r in train if "lr" in r]}),
+        draw_panel("evaluation accuracy", {_short(k): [(r["step"], r[k]) for r in evals if k in r] for k in acc_keys}),
+        draw_panel("throughput (samples/s)", {"samples/s": [(r["step"], r["samples_per_s"]) for r in train if "samples_per_s" in r]}),
+    ]
+    sheet = Image.new("RGB", (2 * PANEL_W, 2 * PANEL_H), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % 2) * PANEL_W, (i // 2) * PANEL_H))
+    out = out or os.path.join(run_dir, "report.png")
+    sheet.save(out)
+    return out
