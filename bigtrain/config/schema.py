@@ -128,6 +128,29 @@ class LogConfig:
 
 
 @dataclass
+class ParallelConfig:
+    dp: int = doc(0, "Data-parallel degree; 0 = inferred from the world size (see README: degrees).")
+    tp: int = doc(0, "Tensor-parallel degree; 0 = inferred (1 unless it is the only unset degree).")
+    pp: int = doc(0, "Pipeline-parallel degree; 0 = inferred (1 unless it is the only unset degree).")
+    zero: Literal[0, 1, 2, 3] = doc(
+        0, "0 replicated (DDP-like), 1 optimizer state sharded, 2 + gradients sharded, 3 + parameters sharded."
+    )
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv"] = doc("1f1b", "Pipeline schedule.")
+    pp_stages_per_rank: int = doc(0, "Model chunks per pipeline rank; 0 = 1 (gpipe/1f1b) or 2 (interleaved_1f1b/zbv).")
+    pp_split: list[int] = doc([], "First block of each pipeline stage after the first (e.g. [3] for 2 stages); [] = balanced.")
+    microbatches: int = doc(
+        0, "Pipeline micro-batches per step on each data-parallel rank; 0 = per-rank batch / train.micro_batch_size."
+    )
+    sequence_parallel: bool = doc(True, "With tp > 1, also shard norms/dropout along the sequence (Megatron SP).")
+    activation_checkpointing: Literal["none", "full", "selective"] = doc(
+        "none", "Recompute block activations in backward: all blocks, or every parallel.ac_every-th block."
+    )
+    ac_every: int = doc(2, "With activation_checkpointing=selective, checkpoint every k-th block.")
+    backend: Literal["auto", "gloo", "nccl"] = doc("auto", "Process-group backend; auto = nccl with CUDA, else gloo.")
+    timeout_s: int = doc(600, "Collective timeout: a dead rank makes the others fail after this, not hang.")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run output."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training loop."})
@@ -138,6 +161,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallel layout."})
     task: Literal["classification"] = doc("classification", "Training objective.")
     resume: str = doc("auto", "'auto' = latest complete checkpoint in run.dir if any, 'never', or a checkpoint path.")
 
@@ -178,6 +202,12 @@ class Config:
         _positive("schedule.rsqrt_timescale", s.rsqrt_timescale)
         if any(k <= 0 for k in self.eval.fewshot_shots):
             raise ConfigError("config key 'eval.fewshot_shots' must hold positive shot counts")
+        p = self.parallel
+        for key in ("dp", "tp", "pp", "microbatches", "pp_stages_per_rank"):
+            if getattr(p, key) < 0:
+                raise ConfigError(f"config key 'parallel.{key}' must be >= 0")
+        _positive("parallel.ac_every", p.ac_every)
+        _positive("parallel.timeout_s", p.timeout_s)
         if self.resume == "":
             raise ConfigError("config key 'resume' must be 'auto', 'never' or a checkpoint path")
 
