@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from bigtrain.config import ConfigError, describe, dump_yaml, load_config
+from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
 from bigtrain.trainer import EXIT_BAD_INPUT
 
 USAGE = """bigtrain <command> ...
@@ -38,21 +38,31 @@ def _split_args(argv: list[str], cmd: str) -> tuple[str, list[str]]:
 
 def cmd_train(argv: list[str]) -> int:
     from bigtrain.checkpoint import resolve_resume
-    from bigtrain.metrics import MetricsLogger, setup_logging
-    from bigtrain.recipes import DistEnv, build_trainer
+    from bigtrain.distributed import ParallelState
+    from bigtrain.metrics import setup_logging
 
     path, overrides = _split_args(argv, "train")
     cfg = load_config(path, overrides)  # all validation happens before any work
     resolve_resume(os.path.join(cfg.run.dir, "checkpoints"), cfg.resume)  # a bad resume path fails now
-    env = DistEnv.from_environ()
-    setup_logging(env.rank)
-    trainer = build_trainer(cfg, env)
-    if env.rank == 0:
+    ps = ParallelState.create(cfg.parallel)  # validates the layout before initialising anything
+    setup_logging(ps.rank)
+    try:
+        return _train(cfg, ps)
+    finally:
+        ps.destroy()
+
+
+def _train(cfg: Config, ps: ParallelState) -> int:
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import build_trainer
+
+    trainer = build_trainer(cfg, ps)
+    if ps.rank == 0:
         os.makedirs(cfg.run.dir, exist_ok=True)
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
             f.write(f"# resolved config, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + dump_yaml(cfg))
     resumed = trainer.maybe_resume()
-    metrics = MetricsLogger(cfg.run.dir, env.rank == 0, resume_step=resumed)
+    metrics = MetricsLogger(cfg.run.dir, ps.rank == 0, resume_step=resumed)
     if cfg.log.wandb:
         name = cfg.run.name or os.path.basename(os.path.normpath(cfg.run.dir))
         metrics.enable_wandb(cfg.log.wandb_project, name, asdict(cfg), cfg.run.dir)
@@ -60,7 +70,7 @@ def cmd_train(argv: list[str]) -> int:
         status = trainer.fit(metrics)
     finally:
         metrics.close()
-    if env.rank == 0:
+    if ps.rank == 0:
         summary = {"step": trainer.state.step, "status": status, "train_seconds": round(trainer.state.train_seconds, 2)}
         summary.update(trainer.last_eval)
         with open(os.path.join(cfg.run.dir, "results.json"), "w") as f:
@@ -74,20 +84,23 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from bigtrain.checkpoint import CheckpointError
+    from bigtrain.distributed import ParallelState
     from bigtrain.metrics import setup_logging
-    from bigtrain.recipes import DistEnv, build_trainer
+    from bigtrain.recipes import build_trainer
 
     path, overrides = _split_args(argv, "eval")
     cfg = load_config(path, overrides)
-    env = DistEnv.from_environ()
-    setup_logging(env.rank)
-    trainer = build_trainer(cfg, env)
+    ps = ParallelState.create(cfg.parallel)
+    setup_logging(ps.rank)
+    trainer = build_trainer(cfg, ps)
     ckpt = trainer.checkpointer.resolve(cfg.resume if cfg.resume != "never" else "auto")
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint in {cfg.run.dir}/checkpoints to evaluate (set resume=PATH)")
     trainer.checkpointer.load(ckpt, {"model": trainer.stateful()["model"]})
     results = {"checkpoint": ckpt, **trainer.evaluate()}
-    print(json.dumps(results))
+    if ps.rank == 0:
+        print(json.dumps(results))
+    ps.destroy()
     return 0
 
 

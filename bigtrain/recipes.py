@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bigtrain.checkpoint import Checkpointer
+from bigtrain.distributed import LaunchEnv, ParallelState
+from bigtrain.distributed.vit import parallelize_vit
 from bigtrain.config import Config, ConfigError
 from bigtrain.eval import ClassificationEvaluator
 from bigtrain.models.vit import ViT, ViTArgs
@@ -25,18 +26,6 @@ from data_pipeline.index import find_foreign_shards, read_index
 from data_pipeline.writer import write_digits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DistEnv:
-    """Where this process sits; single-process defaults."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def ensure_data(cfg: Config) -> None:
@@ -106,37 +95,53 @@ def micro_batch_size(cfg: Config, dp_size: int) -> int:
     return micro
 
 
-def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
-    if env.world_size != 1:
-        raise ConfigError(
-            f"launched with {env.world_size} processes, but this version of bigtrain trains on one process only"
-        )
+def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
+    """Everything a run needs, on this rank's part of the mesh (single process when ``ps`` is None)."""
+    ps = ps or ParallelState.create(cfg.parallel, LaunchEnv())
+    if ps.pp > 1:
+        raise ConfigError("config key 'parallel.pp' > 1: pipeline parallelism is not available in this version yet")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    micro = micro_batch_size(cfg, dp_size=1)
-    ensure_data(cfg)
+    micro = micro_batch_size(cfg, dp_size=ps.dp)
+    if ps.rank == 0:
+        ensure_data(cfg)
+    ps.barrier()  # other ranks read the shards rank 0 may just have written
     train_split, eval_split = load_splits(cfg)
     model = build_model(cfg)
     task = ClassificationTask(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+    dp = parallelize_vit(model, ps, cfg.parallel, param_dtype)
+    optimizer = build_optimizer(model, cfg.optim)  # after parallelize: it must see the sharded parameters
     s = cfg.schedule
     spec = ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
     schedule = LRSchedule(optimizer, cfg.optim.lr, spec)
     order = GlobalOrder([sh.num_samples for sh in train_split.shards], cfg.train.seed, cfg.data.shuffle_window)
     dataset = ImageBatchDataset(train_split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
     stream = TrainStream(
-        dataset, cfg.train.global_batch_size, micro, num_workers=cfg.data.num_workers,
+        dataset, cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
+        num_workers=cfg.data.num_workers,
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
     )
-    checkpointer = Checkpointer(cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank, env.world_size)
-    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, rank=env.rank)
+    checkpointer = Checkpointer(
+        cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier
+    )
+    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp)
     trainer.evaluator = ClassificationEvaluator(
         cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
         autocast=trainer.autocast, num_workers=cfg.data.num_workers,
+        dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"),
     )
+    params, flops = build_model_stats(cfg)
     log.info(
         "model: ViT %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
-        cfg.model.variant, model.num_params() / 1e6, model.train_flops_per_sample() / 1e9,
+        cfg.model.variant, params / 1e6, flops / 1e9,
         train_split.num_samples, eval_split.num_samples,
     )
     return trainer
+
+
+def build_model_stats(cfg: Config) -> tuple[int, float]:
+    """(parameters, training FLOPs per sample) of the unsharded model, computed on the meta device."""
+    with torch.device("meta"):
+        model = ViT(vit_args(cfg))
+    return model.num_params(), model.train_flops_per_sample()

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bigtrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, ScalarState
 from bigtrain.config.schema import Config
+from bigtrain.distributed.data_parallel import DataParallel
+from bigtrain.distributed.mesh import LaunchEnv, ParallelState
 from bigtrain.metrics import MetricsLogger, Progress
 from bigtrain.optim import LRSchedule
 
@@ -66,12 +69,16 @@ class Trainer:
         stream: Stream,
         checkpointer: Checkpointer,
         evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
-        rank: int = 0,
+        parallel: ParallelState | None = None,
+        dp: DataParallel | None = None,
         samples_per_step: int | None = None,
     ) -> None:
         self.cfg, self.model, self.task = cfg, model, task
         self.optimizer, self.schedule, self.stream = optimizer, schedule, stream
-        self.checkpointer, self.evaluator, self.rank = checkpointer, evaluator, rank
+        self.checkpointer, self.evaluator = checkpointer, evaluator
+        self.ps = parallel or ParallelState(cfg.parallel, LaunchEnv())
+        self.rank = self.ps.rank
+        self.dp = dp or DataParallel([model], self.ps, zero=0)
         self.samples_per_step = samples_per_step or cfg.train.global_batch_size
         self.state = TrainerState()
         self.metrics: MetricsLogger | None = None
@@ -96,6 +103,7 @@ class Trainer:
             return None
         meta = self.checkpointer.load(path, self.stateful())
         self.schedule.apply()  # group LRs follow the restored schedule step, whatever the load order
+        self.dp.drop_foreign_state(self.optimizer)
         log.info("resumed from %s (step %d)", path, self.state.step)
         self._committed_step = self.state.step
         if meta["step"] != self.state.step:
@@ -119,21 +127,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         n = len(batches)
-        for batch in batches:
-            if batch.get("num_samples", 1) == 0:  # every sample of this micro-batch was bad
-                continue
-            with self.autocast():
+        for i, batch in enumerate(batches):
+            with self.dp.no_sync(last_micro_batch=i == n - 1), self.autocast():
                 out = self.task(batch)
             (out["loss"] / n).backward()
             for key, value in out.items():
                 logs[key] = logs.get(key, 0.0) + float(value.detach()) / n
+        self.dp.sync_grads()
+        logs = self._mean_over_dp(logs)
         # The schedule is the single source of truth for this step's LR: set it
         # here, after any checkpoint load that may have restored stale group LRs.
         lr = self.schedule.apply()
-        clip = self.cfg.optim.grad_clip_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if math.isfinite(grad_norm) and math.isfinite(logs.get("loss", 0.0)):
-            self.optimizer.step()
+        grad_norm = self.dp.clip_grad_norm(self.cfg.optim.grad_clip_norm)
+        if math.isfinite(grad_norm) and math.isfinite(logs.get("loss", 0.0)):  # same verdict on every rank
+            self.dp.step(self.optimizer)
         else:  # a non-finite update would destroy the weights; skip it and count
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite loss/grad norm, update skipped", self.state.step)
@@ -143,6 +150,15 @@ class Trainer:
         self.state.step += 1
         self.state.samples_seen += self.samples_per_step
         return logs
+
+    def _mean_over_dp(self, logs: dict[str, float]) -> dict[str, float]:
+        """Average per-rank logs over data-parallel ranks (equal local batch sizes)."""
+        if self.ps.dp == 1:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=self.ps.group("dp"))
+        return {k: float(v) / self.ps.dp for k, v in zip(keys, values)}
 
     # --- loop ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -114,7 +114,16 @@ class ImageBatchDataset(Dataset):
         return (arr - self.mean) / self.std, label
 
     def __getitem__(self, positions: list[int]) -> dict[str, Any]:
-        images, labels, errors = [], [], []
+        """A batch of exactly ``len(positions)`` samples.
+
+        A bad sample is replaced by a copy of a good one from the same batch with
+        ``weight`` 0, so batch shapes never change (every data-parallel, tensor-
+        and pipeline-parallel rank keeps running the same collectives) and the
+        substitute contributes nothing to losses or metrics.
+        """
+        images: list[np.ndarray | None] = []
+        labels: list[int] = []
+        errors = []
         for p in positions:
             try:
                 arr, label = self.load(p)
@@ -124,15 +133,22 @@ class ImageBatchDataset(Dataset):
                 if self.spec.on_error == "raise":
                     raise DataError(f"bad sample {msg} (set data.on_error=skip to count and skip)") from None
                 errors.append(msg)
+                images.append(None)
+                labels.append(-1)
                 continue
             images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))
             labels.append(label)
-        c, s = self.spec.channels, self.spec.image_size
-        image = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, c, s, s)
+        good = next((i for i, im in enumerate(images) if im is not None), None)
+        if good is None:
+            raise DataError(f"every sample of a batch of {len(positions)} was bad, e.g. {errors[0]}")
+        weight = [0.0 if im is None else 1.0 for im in images]
+        images = [images[good] if im is None else im for im in images]
+        labels = [labels[good] if w == 0.0 else y for y, w in zip(labels, weight)]
         return {
-            "image": image,
+            "image": torch.from_numpy(np.stack(images)),  # type: ignore[arg-type]
             "label": torch.tensor(labels, dtype=torch.long),
-            "num_samples": len(labels),
+            "weight": torch.tensor(weight),
+            "num_samples": len(positions) - len(errors),
             "num_errors": len(errors),
             "errors": errors[:3],
         }

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,9 +20,8 @@ from data_pipeline import ImageSpec, SplitInfo, sequential_batches
 class ClassificationEvaluator:
     """``evaluator(model)`` -> ``{"eval/top1", "eval/loss", "eval/fewshot_{k}shot_top1", ...}``.
 
-    The model must provide ``features(images)`` (pre-logits) and ``head`` (the
-    classifier), as the ViT does; logits are computed from the same features so
-    each image is encoded once.
+    The model's forward must accept ``with_features=True`` and return
+    ``(logits, pre_logit_features)``, as the ViT does, so each image is encoded once.
     """
 
     def __init__(
@@ -33,25 +33,36 @@ class ClassificationEvaluator:
         num_classes: int,
         autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         num_workers: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        dp_group: Any = None,
     ) -> None:
         self.cfg, self.train_split, self.eval_split = cfg, train_split, eval_split
         self.spec, self.num_classes, self.autocast, self.num_workers = spec, num_classes, autocast, num_workers
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
 
     @torch.no_grad()
     def _encode(self, model: nn.Module, split: SplitInfo, limit: int, logits: bool) -> dict[str, np.ndarray]:
         feats, labels, outs = [], [], []
-        for batch in sequential_batches(split, self.spec, self.cfg.batch_size, limit=limit, num_workers=self.num_workers):
-            if batch["num_samples"] == 0:
-                continue
+        batches = sequential_batches(
+            split, self.spec, self.cfg.batch_size, rank=self.dp_rank, world=self.dp_size, limit=limit,
+            num_workers=self.num_workers,
+        )
+        for batch in batches:
+            keep = batch["weight"] > 0  # drop substitutes for bad samples
             with self.autocast():
-                f = model.features(batch["image"])
-                if logits:
-                    outs.append(model.head(f).float())
-            feats.append(f.float())
-            labels.append(batch["label"])
+                out, f = model(batch["image"], with_features=True)
+            if logits:
+                outs.append(out.float()[keep])
+            feats.append(f.float()[keep])
+            labels.append(batch["label"][keep])
         result = {"features": torch.cat(feats).numpy(), "labels": torch.cat(labels).numpy()}
         if logits:
-            result["logits"] = torch.cat(outs)
+            result["logits"] = torch.cat(outs).numpy()
+        if self.dp_size > 1:  # every rank encoded its contiguous share; put them back in order
+            gathered: list[Any] = [None] * self.dp_size
+            dist.all_gather_object(gathered, result, group=self.dp_group)
+            result = {k: np.concatenate([g[k] for g in gathered]) for k in result}
         return result
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -59,10 +70,10 @@ class ClassificationEvaluator:
         model.eval()
         try:
             test = self._encode(model, self.eval_split, 0, logits=True)
-            labels = torch.from_numpy(test["labels"])
+            labels, logits = torch.from_numpy(test["labels"]), torch.from_numpy(test["logits"])
             metrics = {
-                "eval/top1": float((test["logits"].argmax(-1) == labels).float().mean()),
-                "eval/loss": float(F.cross_entropy(test["logits"], labels)),
+                "eval/top1": float((logits.argmax(-1) == labels).float().mean()),
+                "eval/loss": float(F.cross_entropy(logits, labels)),
                 "eval/num_samples": int(len(labels)),
             }
             if self.cfg.fewshot:

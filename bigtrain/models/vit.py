@@ -221,9 +221,12 @@ class ViT(nn.Module):
         assert self.pool is not None
         return self.pool(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; with ``with_features`` also the pre-logits (one pass, and through
+        ``forward`` so that wrappers hooking it, e.g. FSDP, see every call)."""
         x = self.features(images)
-        return self.head(self.drop(x)) if self.head is not None else x
+        logits = self.head(self.drop(x)) if self.head is not None else x
+        return (logits, x) if with_features else logits
 
     # --- introspection used by optimizers, logging and benchmarks -----------------
     def num_params(self, trunk_only: bool = False) -> int:

@@ -22,9 +22,17 @@ class ClassificationTask(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = self.model(batch["image"])
+        return self.loss(self.model(batch["image"]), batch)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weighted mean cross-entropy: samples with weight 0 (substitutes for bad data) count for nothing."""
         labels = batch["label"]
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        weight = batch.get("weight")
+        if weight is None:
+            weight = torch.ones(labels.shape[0], device=logits.device)
+        per_sample = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing, reduction="none")
+        denom = weight.sum().clamp_min(1.0)
+        loss = (per_sample * weight).sum() / denom
         with torch.no_grad():
-            top1 = (logits.argmax(dim=-1) == labels).float().mean()
+            top1 = ((logits.argmax(dim=-1) == labels).float() * weight).sum() / denom
         return {"loss": loss, "top1": top1}
