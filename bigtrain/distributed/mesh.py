@@ -90,9 +90,9 @@ def infer_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
         for v in degrees.values():
             known *= v or 1
         if world_size % known:
+            others = " x ".join(f"{k}={v}" for k, v in degrees.items() if v)
             raise ConfigError(
-                f"cannot infer parallel.{unset[0]}: world size {world_size} is not divisible by the product "
-                f"of the other degrees ({known})"
+                f"cannot infer parallel.{unset[0]}: {others} = {known} does not divide the world size {world_size}"
             )
         degrees[unset[0]] = world_size // known
     pp, dp, tp = degrees["pp"], degrees["dp"], degrees["tp"]

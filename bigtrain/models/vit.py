@@ -91,7 +91,11 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = width // num_heads
         self.q = nn.Linear(width, width)
-        self.k = nn.Linear(width, width)
+        # No key bias: q.(k + b) shifts every score of a query by the same q.b, which
+        # softmax ignores. Its gradient is exactly zero, so it would only collect
+        # rounding noise (amplified by Adam). Dropping it loses nothing (a loaded
+        # checkpoint's key bias can be discarded without changing outputs).
+        self.k = nn.Linear(width, width, bias=False)
         self.v = nn.Linear(width, width)
         self.proj = nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
@@ -188,7 +192,8 @@ class ViT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -1,0 +1,116 @@
+"""Layout parity harness: train one config under several parallel layouts and compare.
+
+``python -m bigtrain.distributed.parity --config C --layouts '[["parallel.zero=1"], ...]' --out R.json``
+run under ``torchrun --nproc_per_node=N`` trains every layout (all using the same
+N processes, one process group) and writes, per layout, the losses and the full
+(unsharded) final parameters' distance to a single-process reference trained
+first by the same command with ``--reference REF.pt`` and no torchrun.
+
+Used by the parity tests and handy for users checking their own layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from bigtrain.config import load_config
+from bigtrain.distributed.mesh import LaunchEnv, ParallelState
+from bigtrain.metrics import MetricsLogger
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded parameters (gathered from FSDP/TP shards) as plain CPU tensors."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in full.items()}
+
+
+def train_once(config: str, overrides: list[str]) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Train; return (per-step losses, initial and final full parameters, this rank)."""
+    from bigtrain.recipes import build_trainer
+
+    cfg = load_config(config, overrides)
+    ps = ParallelState.create(cfg.parallel, LaunchEnv.detect())
+    trainer = build_trainer(cfg, ps)
+    trainer.evaluator = None
+    metrics = MetricsLogger(cfg.run.dir, ps.rank == 0)
+    losses: list[float] = []
+    log = metrics.log
+
+    def capture(record: dict) -> None:
+        if record.get("kind") == "train":
+            losses.append(float(record["loss"]))
+        log(record)
+
+    metrics.log = capture  # type: ignore[method-assign]
+    initial = full_params(trainer.model)
+    trainer.fit(metrics)
+    metrics.close()
+    return losses, initial, full_params(trainer.model), ps.rank
+
+
+def compare(ref: dict, losses: list[float], initial: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict:
+    """Loss differences per step, and how far the final parameters are from the reference's.
+
+    ``param_update_rel_diff`` = ||P - P_ref|| / ||P_ref - P_0|| over all parameters:
+    the parameter difference relative to how far training moved them. (Per-tensor
+    relative errors mislead: some gradients are exactly zero in exact arithmetic,
+    e.g. attention key biases, so those tensors hold only rounding noise.)
+    """
+    loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref["losses"]))
+    keys = sorted(ref["params"])
+    same_keys = keys == sorted(params)
+    diff = sum(float((params[k] - ref["params"][k]).double().pow(2).sum()) for k in keys if k in params) ** 0.5
+    moved = sum(float((ref["params"][k] - ref["initial"][k]).double().pow(2).sum()) for k in keys) ** 0.5
+    per_key = {k: float((params[k] - ref["params"][k]).norm()) for k in keys if k in params}
+    worst = sorted(per_key, key=per_key.get, reverse=True)[:3]
+    init_diff = max(float((initial[k] - ref["initial"][k]).abs().max()) for k in keys if k in initial)
+    return {
+        "steps": len(losses), "ref_steps": len(ref["losses"]), "losses": losses, "same_keys": same_keys,
+        "max_loss_rel_diff": loss_rel, "initial_param_max_abs_diff": init_diff,
+        "max_param_abs_diff": max(float((params[k] - ref["params"][k]).abs().max()) for k in keys if k in params),
+        "param_update_rel_diff": diff / max(moved, 1e-30),
+        "worst_tensors": {k: per_key[k] for k in worst},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--override", action="append", default=[], help="key=value applied to every run")
+    ap.add_argument("--reference", help="write the single-process reference here (run without torchrun)")
+    ap.add_argument("--against", help="reference file to compare layouts with")
+    ap.add_argument("--layouts", default="[]", help="JSON list of override lists, one per layout")
+    ap.add_argument("--out", help="JSON results (rank 0)")
+    ap.add_argument("--workdir", required=True)
+    args = ap.parse_args(argv)
+    torch.use_deterministic_algorithms(True)
+    if args.reference:
+        losses, initial, params, _ = train_once(args.config, [*args.override, f"run.dir={args.workdir}/reference"])
+        torch.save({"losses": losses, "initial": initial, "params": params}, args.reference)
+        return 0
+    ref = torch.load(args.against, weights_only=True)
+    results = {}
+    for i, layout in enumerate(json.loads(args.layouts)):
+        name = " ".join(layout) or "default"
+        losses, initial, params, rank = train_once(args.config, [*args.override, *layout, f"run.dir={args.workdir}/layout{i}"])
+        if rank == 0:
+            results[name] = compare(ref, losses, initial, params)
+            print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'losses'})}", flush=True)
+        dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if args.out and int(os.environ.get("RANK", 0)) == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

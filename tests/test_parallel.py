@@ -1,0 +1,122 @@
+"""Parity of parallel layouts with a single-process reference (gloo, fp32).
+
+Tolerances (stated in the README): per-step loss relative difference <= 1e-5, and
+||P - P_ref|| / ||P_ref - P_0|| <= 2e-5 over all parameters after training
+(the parameter difference relative to how far training moved the parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEST_CONFIG
+
+LOSS_RTOL = 1e-5
+PARAM_RTOL = 2e-5
+COMMON = ["model.dropout=0", "train.steps=6", "schedule.cooldown_steps=2", "checkpoint.every_steps=0", "train.micro_batch_size=0", "parallel.timeout_s=120"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _overrides(digits_dir: str) -> list[str]:
+    out = []
+    for o in [f"data.dir={digits_dir}", *COMMON]:
+        out += ["--override", o]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("parity")
+    ref = work / "ref.pt"
+    subprocess.run(
+        [sys.executable, "-m", "bigtrain.distributed.parity", "--config", str(TEST_CONFIG), *_overrides(digits_dir),
+         "--workdir", str(work), "--reference", str(ref)],
+        check=True, env=_env(), cwd=ROOT, timeout=300, capture_output=True,
+    )
+    return ref, digits_dir
+
+
+def run_layouts(reference: tuple[Path, str], nproc: int, layouts: list[list[str]], tmp_path: Path) -> dict:
+    ref, digits_dir = reference
+    out = tmp_path / "results.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+        "-m", "bigtrain.distributed.parity", "--config", str(TEST_CONFIG), *_overrides(digits_dir),
+        "--workdir", str(tmp_path), "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts),
+    ]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def check(results: dict, expected: int) -> None:
+    assert len(results) == expected
+    for name, r in results.items():
+        assert r["same_keys"], name
+        assert r["steps"] == r["ref_steps"] == 6, name
+        assert r["initial_param_max_abs_diff"] == 0.0, f"{name}: every layout starts from the same weights"
+        assert r["max_loss_rel_diff"] <= LOSS_RTOL, f"{name}: {r}"
+        assert r["param_update_rel_diff"] <= PARAM_RTOL, f"{name}: {r}"
+
+
+def test_two_rank_layouts_match_single_process(reference, tmp_path: Path) -> None:
+    layouts = [
+        ["parallel.zero=0"],
+        ["parallel.zero=1"],
+        ["parallel.zero=2"],
+        ["parallel.zero=3", "train.micro_batch_size=8"],  # gradient accumulation under FSDP
+        ["parallel.zero=1", "train.micro_batch_size=4"],
+        ["parallel.tp=2"],  # + sequence parallel (default)
+        ["parallel.tp=2", "parallel.sequence_parallel=false"],
+        ["parallel.tp=2", "parallel.activation_checkpointing=full"],
+        ["parallel.zero=3", "parallel.activation_checkpointing=selective", "parallel.ac_every=2"],
+    ]
+    check(run_layouts(reference, 2, layouts, tmp_path), len(layouts))
+
+
+def test_dp2_x_tp2_matches_single_process(reference, tmp_path: Path) -> None:
+    layouts = [
+        ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"],
+        ["parallel.dp=2", "parallel.tp=2", "parallel.zero=3"],
+    ]
+    check(run_layouts(reference, 4, layouts, tmp_path), len(layouts))
+
+
+def test_impossible_layouts_fail_before_work(digits_dir: str, tmp_path: Path) -> None:
+    from bigtrain.config import ConfigError, load_config
+    from bigtrain.distributed import infer_degrees
+    from bigtrain.distributed.mesh import LaunchEnv, ParallelState
+    from bigtrain.distributed.vit import check_vit_layout
+    from bigtrain.models.vit import ViT, ViTArgs
+
+    cfg = load_config(TEST_CONFIG, ["parallel.tp=3"])
+    with pytest.raises(ConfigError, match=r"cannot infer parallel.dp: pp=1 x tp=3 = 3 does not divide the world size 4"):
+        infer_degrees(cfg.parallel, 4)
+    with pytest.raises(ConfigError, match=r"pp=1 x dp=2 x tp=2 = 4 processes, but the world size is 8"):
+        infer_degrees(load_config(None, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=1"]).parallel, 8)
+    ps = ParallelState(cfg.parallel, LaunchEnv(), pp=1, dp=1, tp=4)
+    model = ViT(ViTArgs(width=36, depth=1, mlp_dim=72, num_heads=6, patch_size=4, image_size=16, in_channels=1))
+    with pytest.raises(ConfigError, match=r"'model.num_heads' \(6\) is not divisible by parallel.tp=4"):
+        check_vit_layout(model, ps, sequence_parallel=False)
+    ps.tp = 3
+    model = ViT(ViTArgs(width=36, depth=1, mlp_dim=72, num_heads=6, patch_size=4, image_size=16, in_channels=1, head="cls"))
+    with pytest.raises(ConfigError, match=r"token count \(17\) divisible by parallel.tp=3"):
+        check_vit_layout(model, ps, sequence_parallel=True)
+
+
+def test_torchrun_layout_mismatch_is_one_line(digits_dir: str, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "bigtrain", "train",
+           str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={tmp_path}", "parallel.tp=2", "parallel.dp=2"]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "error: cannot infer parallel.pp: dp=2 x tp=2 = 4 does not divide the world size 2" in proc.stderr
+    assert f'File "{ROOT / "bigtrain"}' not in proc.stderr, "no traceback from inside bigtrain, only torchrun's own report"
