@@ -14,6 +14,8 @@ from torch import nn
 
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.distributed import LaunchEnv, ParallelState
+from bigtrain.distributed.data_parallel import DataParallel
+from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
 from bigtrain.distributed.vit import parallelize_vit
 from bigtrain.config import Config, ConfigError
 from bigtrain.eval import ClassificationEvaluator
@@ -98,8 +100,6 @@ def micro_batch_size(cfg: Config, dp_size: int) -> int:
 def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     """Everything a run needs, on this rank's part of the mesh (single process when ``ps`` is None)."""
     ps = ps or ParallelState.create(cfg.parallel, LaunchEnv())
-    if ps.pp > 1:
-        raise ConfigError("config key 'parallel.pp' > 1: pipeline parallelism is not available in this version yet")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     micro = micro_batch_size(cfg, dp_size=ps.dp)
@@ -107,11 +107,30 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         ensure_data(cfg)
     ps.barrier()  # other ranks read the shards rank 0 may just have written
     train_split, eval_split = load_splits(cfg)
-    model = build_model(cfg)
-    task = ClassificationTask(model)
     param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
-    dp = parallelize_vit(model, ps, cfg.parallel, param_dtype)
-    optimizer = build_optimizer(model, cfg.optim)  # after parallelize: it must see the sharded parameters
+    with torch.device("meta"):  # names for parameter groups, from the whole (unsplit) model
+        full = ViT(vit_args(cfg))
+    pipeline = None
+    if ps.pp > 1:
+        task = ClassificationTask(nn.Identity())
+
+        def build_stage(blocks: list[str], first: bool, last: bool) -> nn.Module:
+            stage = build_model(cfg)  # same seed on every rank: stages hold slices of one init
+            stage.prune_for_stage(blocks, first, last)
+            return parallelize_vit(stage, ps, cfg.parallel, param_dtype)
+
+        local = cfg.train.global_batch_size // ps.dp
+        pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
+                            pipeline_microbatches(cfg, local, ps.pp))
+        parts, micro = pipeline.parts, local  # the schedule splits the local batch itself
+        task.model = PipelineModel(pipeline)
+    else:
+        parts = [parallelize_vit(build_model(cfg), ps, cfg.parallel, param_dtype)]
+        task = ClassificationTask(parts[0])
+    model = merge_parts(parts)
+    dp = DataParallel(parts, ps, cfg.parallel.zero)
+    # after parallelize: the optimizer must see the sharded parameters
+    optimizer = build_optimizer(model, cfg.optim, full.no_weight_decay(), full.head_param_names())
     s = cfg.schedule
     spec = ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
     schedule = LRSchedule(optimizer, cfg.optim.lr, spec)
@@ -125,13 +144,13 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     checkpointer = Checkpointer(
         cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier
     )
-    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp)
+    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
     trainer.evaluator = ClassificationEvaluator(
         cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
         autocast=trainer.autocast, num_workers=cfg.data.num_workers,
         dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"),
     )
-    params, flops = build_model_stats(cfg)
+    params, flops = full.num_params(), full.train_flops_per_sample()
     log.info(
         "model: ViT %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
         cfg.model.variant, params / 1e6, flops / 1e9,
@@ -140,8 +159,13 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     return trainer
 
 
-def build_model_stats(cfg: Config) -> tuple[int, float]:
-    """(parameters, training FLOPs per sample) of the unsharded model, computed on the meta device."""
-    with torch.device("meta"):
-        model = ViT(vit_args(cfg))
-    return model.num_params(), model.train_flops_per_sample()
+def pipeline_microbatches(cfg: Config, local_batch: int, pp: int) -> int:
+    """Pipeline micro-batches per step: parallel.microbatches, else per-rank batch /
+    train.micro_batch_size, else pp (the fewest that keep every stage busy)."""
+    mbs = cfg.train.micro_batch_size
+    n = cfg.parallel.microbatches or (local_batch // mbs if mbs else pp)
+    if local_batch % n:
+        raise ConfigError(
+            f"config key 'parallel.microbatches' ({n}) does not divide the per-rank batch {local_batch}"
+        )
+    return n

@@ -24,6 +24,7 @@ from bigtrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGSta
 from bigtrain.config.schema import Config
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
+from bigtrain.distributed.pipeline import Pipeline
 from bigtrain.metrics import MetricsLogger, Progress
 from bigtrain.optim import LRSchedule
 
@@ -71,6 +72,7 @@ class Trainer:
         evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
         parallel: ParallelState | None = None,
         dp: DataParallel | None = None,
+        pipeline: Pipeline | None = None,
         samples_per_step: int | None = None,
     ) -> None:
         self.cfg, self.model, self.task = cfg, model, task
@@ -79,6 +81,9 @@ class Trainer:
         self.ps = parallel or ParallelState(cfg.parallel, LaunchEnv())
         self.rank = self.ps.rank
         self.dp = dp or DataParallel([model], self.ps, zero=0)
+        self.pipeline = pipeline
+        # what evaluation runs: the model, or under PP the whole pipeline as one module
+        self.eval_model: nn.Module = task.model if pipeline is not None else model
         self.samples_per_step = samples_per_step or cfg.train.global_batch_size
         self.state = TrainerState()
         self.metrics: MetricsLogger | None = None
@@ -127,14 +132,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         n = len(batches)
-        for i, batch in enumerate(batches):
-            with self.dp.no_sync(last_micro_batch=i == n - 1), self.autocast():
-                out = self.task(batch)
-            (out["loss"] / n).backward()
-            for key, value in out.items():
-                logs[key] = logs.get(key, 0.0) + float(value.detach()) / n
+        if self.pipeline is not None:
+            logs = self._pipeline_forward_backward(batches)
+        else:
+            for i, batch in enumerate(batches):
+                with self.dp.no_sync(last_micro_batch=i == n - 1), self.autocast():
+                    out = self.task(batch)
+                (out["loss"] / n).backward()
+                for key, value in out.items():
+                    logs[key] = logs.get(key, 0.0) + float(value.detach()) / n
         self.dp.sync_grads()
-        logs = self._mean_over_dp(logs)
+        logs = self._reduce_logs(logs)
         # The schedule is the single source of truth for this step's LR: set it
         # here, after any checkpoint load that may have restored stale group LRs.
         lr = self.schedule.apply()
@@ -151,13 +159,31 @@ class Trainer:
         self.state.samples_seen += self.samples_per_step
         return logs
 
-    def _mean_over_dp(self, logs: dict[str, float]) -> dict[str, float]:
-        """Average per-rank logs over data-parallel ranks (equal local batch sizes)."""
-        if self.ps.dp == 1:
+    def _pipeline_forward_backward(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """The schedule splits this rank's batch into micro-batches and runs forward/backward;
+        losses and task logs exist on the last stage only (zeros elsewhere, summed later)."""
+        assert self.pipeline is not None
+        batch = batches[0]  # under PP the stream yields the whole per-rank batch
+        self.task.pipeline_logs.clear()
+        with self.autocast():
+            losses = self.pipeline.step(batch["image"], self.task.pipeline_target(batch))
+        # The schedule's first step also runs the loss on placeholder tensors to infer
+        # shapes: only the last len(losses) records belong to real micro-batches.
+        mbs = self.task.pipeline_logs[len(self.task.pipeline_logs) - len(losses) :] if losses else []
+        keys = ["loss", *sorted(k for k in self.task.pipeline_log_keys if k != "loss")]
+        return {k: sum(m[k] for m in mbs) / len(mbs) if mbs else 0.0 for k in keys}
+
+    def _reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Logs of the whole step: summed over pipeline stages (only the last has them),
+        averaged over data-parallel ranks (equal local batch sizes)."""
+        if self.ps.dp == 1 and self.ps.pp == 1:
             return logs
         keys = sorted(logs)
         values = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, group=self.ps.group("dp"))
+        if self.ps.pp > 1:
+            dist.all_reduce(values, group=self.ps.group("pp"))
+        if self.ps.dp > 1:
+            dist.all_reduce(values, group=self.ps.group("dp"))
         return {k: float(v) / self.ps.dp for k, v in zip(keys, values)}
 
     # --- loop ---------------------------------------------------------------------
@@ -165,7 +191,7 @@ class Trainer:
         if self.evaluator is None:
             return {}
         t0 = time.perf_counter()
-        results = self.evaluator(self.model)
+        results = self.evaluator(self.eval_model)
         results["eval/seconds"] = time.perf_counter() - t0
         self.last_eval = results
         top1 = results.get("eval/top1")

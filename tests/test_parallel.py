@@ -1,8 +1,9 @@
 """Parity of parallel layouts with a single-process reference (gloo, fp32).
 
-Tolerances (stated in the README): per-step loss relative difference <= 1e-5, and
-||P - P_ref|| / ||P_ref - P_0|| <= 2e-5 over all parameters after training
-(the parameter difference relative to how far training moved the parameters).
+Tolerances (stated in the README): per-step loss and gradient-norm relative
+difference <= 1e-5, and ||P - P_ref|| / ||P_ref - P_0|| <= 2e-5 over all
+parameters after training (the parameter difference relative to how far
+training moved the parameters).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def check(results: dict, expected: int) -> None:
         assert r["steps"] == r["ref_steps"] == 6, name
         assert r["initial_param_max_abs_diff"] == 0.0, f"{name}: every layout starts from the same weights"
         assert r["max_loss_rel_diff"] <= LOSS_RTOL, f"{name}: {r}"
+        assert r["max_grad_norm_rel_diff"] <= LOSS_RTOL, f"{name}: {r}"
         assert r["param_update_rel_diff"] <= PARAM_RTOL, f"{name}: {r}"
 
 
@@ -79,16 +81,30 @@ def test_two_rank_layouts_match_single_process(reference, tmp_path: Path) -> Non
         ["parallel.tp=2", "parallel.sequence_parallel=false"],
         ["parallel.tp=2", "parallel.activation_checkpointing=full"],
         ["parallel.zero=3", "parallel.activation_checkpointing=selective", "parallel.ac_every=2"],
+        ["parallel.pp=2", "parallel.pp_schedule=gpipe"],
+        ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=4"],
+        ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
+        ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_split=[1,2,3]"],
     ]
     check(run_layouts(reference, 2, layouts, tmp_path), len(layouts))
 
 
-def test_dp2_x_tp2_matches_single_process(reference, tmp_path: Path) -> None:
+def test_four_rank_2d_layouts_match_single_process(reference, tmp_path: Path) -> None:
     layouts = [
         ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"],
         ["parallel.dp=2", "parallel.tp=2", "parallel.zero=3"],
+        ["parallel.pp=2", "parallel.dp=2", "parallel.zero=2", "parallel.pp_schedule=interleaved_1f1b"],
+        ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=1f1b"],
     ]
     check(run_layouts(reference, 4, layouts, tmp_path), len(layouts))
+
+
+def test_eight_rank_3d_layouts_match_single_process(reference, tmp_path: Path) -> None:
+    layouts = [
+        ["parallel.pp=2", "parallel.dp=2", "parallel.tp=2", "parallel.zero=1", "parallel.pp_schedule=zbv"],
+        ["parallel.pp=2", "parallel.dp=2", "parallel.tp=2", "parallel.zero=3", "parallel.pp_schedule=interleaved_1f1b"],
+    ]
+    check(run_layouts(reference, 8, layouts, tmp_path), len(layouts))
 
 
 def test_impossible_layouts_fail_before_work(digits_dir: str, tmp_path: Path) -> None:
@@ -107,6 +123,10 @@ def test_impossible_layouts_fail_before_work(digits_dir: str, tmp_path: Path) ->
     model = ViT(ViTArgs(width=36, depth=1, mlp_dim=72, num_heads=6, patch_size=4, image_size=16, in_channels=1))
     with pytest.raises(ConfigError, match=r"'model.num_heads' \(6\) is not divisible by parallel.tp=4"):
         check_vit_layout(model, ps, sequence_parallel=False)
+    with pytest.raises(ConfigError, match="zbv with parallel.zero >= 2 is not supported"):
+        from bigtrain.distributed.pipeline import stages_per_rank
+
+        stages_per_rank(load_config(None, ["parallel.pp_schedule=zbv", "parallel.zero=3"]).parallel)
     ps.tp = 3
     model = ViT(ViTArgs(width=36, depth=1, mlp_dim=72, num_heads=6, patch_size=4, image_size=16, in_channels=1, head="cls"))
     with pytest.raises(ConfigError, match=r"token count \(17\) divisible by parallel.tp=3"):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from bigtrain.distributed.mesh import ParallelState
 
@@ -106,6 +106,7 @@ class DataParallel:
 
     @torch.no_grad()
     def sync_grads(self) -> None:
+        self._reduce_partial_grads()
         if self.ps.dp == 1 or self.zero >= 2:
             return  # FSDP reduce-scatters during backward
         grads = []
@@ -114,6 +115,14 @@ class DataParallel:
                 p.grad = torch.zeros_like(p)
             grads.append(_local(p.grad))
         _flat_collective(grads, "allreduce", self.group, scale=1.0 / self.ps.dp)
+
+    def _reduce_partial_grads(self) -> None:
+        """Sequence-parallel norms leave ``Partial`` gradients (each TP rank saw only its
+        tokens); reduce them now so norms, clipping and the update see the true gradient."""
+        for p in self.params:
+            g = p.grad
+            if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+                p.grad = g.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in g.placements])
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -149,7 +158,9 @@ class DataParallel:
             groups: tuple[dist.ProcessGroup, ...] = ()
             if isinstance(g, DTensor):
                 mesh = g.device_mesh
-                groups = tuple(mesh.get_group(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+                # any non-Replicate placement is a split (FSDP over TP uses _StridedShard,
+                # which is not a Shard); Partial grads were reduced in sync_grads
+                groups = tuple(mesh.get_group(i) for i, pl in enumerate(g.placements) if not pl.is_replicate())
             sq = _local(g).detach().double().pow(2).sum()
             partial[groups] = partial.get(groups, torch.zeros((), dtype=torch.float64)) + sq
         total_sq = torch.zeros((), dtype=torch.float64)

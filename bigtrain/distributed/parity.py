@@ -27,12 +27,17 @@ from bigtrain.metrics import MetricsLogger
 
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded parameters (gathered from FSDP/TP shards) as plain CPU tensors."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().clone() for k, v in full.items()}
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    local = {k: v.detach().clone() for k, v in full.items()}
+    if not dist.is_initialized():
+        return local
+    parts: list = [None] * dist.get_world_size()  # pipeline stages hold different keys: union them
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
 
 
-def train_once(config: str, overrides: list[str]) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-    """Train; return (per-step losses, initial and final full parameters, this rank)."""
+def train_once(config: str, overrides: list[str]) -> dict:
+    """Train; return per-step losses and gradient norms, initial and final full parameters."""
     from bigtrain.recipes import build_trainer
 
     cfg = load_config(config, overrides)
@@ -40,43 +45,49 @@ def train_once(config: str, overrides: list[str]) -> tuple[list[float], dict[str
     trainer = build_trainer(cfg, ps)
     trainer.evaluator = None
     metrics = MetricsLogger(cfg.run.dir, ps.rank == 0)
-    losses: list[float] = []
+    run: dict = {"losses": [], "grad_norms": [], "rank": ps.rank}
     log = metrics.log
 
     def capture(record: dict) -> None:
-        if record.get("kind") == "train":
-            losses.append(float(record["loss"]))
+        if record.get("kind") == "train":  # every rank sees the same (reduced) values
+            run["losses"].append(float(record["loss"]))
+            run["grad_norms"].append(float(record["grad_norm"]))
         log(record)
 
     metrics.log = capture  # type: ignore[method-assign]
-    initial = full_params(trainer.model)
+    run["initial"] = full_params(trainer.model)
     trainer.fit(metrics)
     metrics.close()
-    return losses, initial, full_params(trainer.model), ps.rank
+    run["params"] = full_params(trainer.model)
+    return run
 
 
-def compare(ref: dict, losses: list[float], initial: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict:
-    """Loss differences per step, and how far the final parameters are from the reference's.
+def compare(ref: dict, run: dict) -> dict:
+    """Loss and gradient-norm differences per step, and how far the final parameters are from the reference's.
 
     ``param_update_rel_diff`` = ||P - P_ref|| / ||P_ref - P_0|| over all parameters:
     the parameter difference relative to how far training moved them. (Per-tensor
-    relative errors mislead: some gradients are exactly zero in exact arithmetic,
-    e.g. attention key biases, so those tensors hold only rounding noise.)
+    relative errors mislead where a tensor barely moves.)
     """
-    loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref["losses"]))
+    losses, initial, params = run["losses"], run["initial"], run["params"]
+
+    def rel(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
     keys = sorted(ref["params"])
-    same_keys = keys == sorted(params)
     diff = sum(float((params[k] - ref["params"][k]).double().pow(2).sum()) for k in keys if k in params) ** 0.5
     moved = sum(float((ref["params"][k] - ref["initial"][k]).double().pow(2).sum()) for k in keys) ** 0.5
     per_key = {k: float((params[k] - ref["params"][k]).norm()) for k in keys if k in params}
     worst = sorted(per_key, key=per_key.get, reverse=True)[:3]
-    init_diff = max(float((initial[k] - ref["initial"][k]).abs().max()) for k in keys if k in initial)
     return {
-        "steps": len(losses), "ref_steps": len(ref["losses"]), "losses": losses, "same_keys": same_keys,
-        "max_loss_rel_diff": loss_rel, "initial_param_max_abs_diff": init_diff,
-        "max_param_abs_diff": max(float((params[k] - ref["params"][k]).abs().max()) for k in keys if k in params),
+        "steps": len(losses), "ref_steps": len(ref["losses"]), "losses": losses, "same_keys": keys == sorted(params),
+        "max_loss_rel_diff": rel(losses, ref["losses"]),
+        "max_grad_norm_rel_diff": rel(run["grad_norms"], ref["grad_norms"]),
+        "initial_param_max_abs_diff": max(float((initial[k] - ref["initial"][k]).abs().max()) for k in keys if k in initial),
+        "max_param_abs_diff": max(per_key.values()),
         "param_update_rel_diff": diff / max(moved, 1e-30),
         "worst_tensors": {k: per_key[k] for k in worst},
+        "missing_keys": sorted(set(keys) - set(params))[:5], "extra_keys": sorted(set(params) - set(keys))[:5],
     }
 
 
@@ -92,16 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     if args.reference:
-        losses, initial, params, _ = train_once(args.config, [*args.override, f"run.dir={args.workdir}/reference"])
-        torch.save({"losses": losses, "initial": initial, "params": params}, args.reference)
+        run = train_once(args.config, [*args.override, f"run.dir={args.workdir}/reference"])
+        torch.save({k: run[k] for k in ("losses", "grad_norms", "initial", "params")}, args.reference)
         return 0
     ref = torch.load(args.against, weights_only=True)
     results = {}
     for i, layout in enumerate(json.loads(args.layouts)):
         name = " ".join(layout) or "default"
-        losses, initial, params, rank = train_once(args.config, [*args.override, *layout, f"run.dir={args.workdir}/layout{i}"])
-        if rank == 0:
-            results[name] = compare(ref, losses, initial, params)
+        run = train_once(args.config, [*args.override, *layout, f"run.dir={args.workdir}/layout{i}"])
+        if run["rank"] == 0:
+            results[name] = compare(ref, run)
             print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'losses'})}", flush=True)
         dist.barrier()
     if dist.is_initialized():

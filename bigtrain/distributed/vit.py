@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import (
 from bigtrain.config import ConfigError
 from bigtrain.config.schema import ParallelConfig
 from bigtrain.distributed.activation import apply_activation_checkpointing
-from bigtrain.distributed.data_parallel import DataParallel, apply_fsdp
+from bigtrain.distributed.data_parallel import apply_fsdp
 from bigtrain.distributed.mesh import ParallelState
 from bigtrain.models.vit import ViT
 
@@ -75,7 +75,8 @@ def apply_tp(model: ViT, ps: ParallelState, sequence_parallel: bool) -> None:
         )
 
 
-def parallelize_vit(model: ViT, ps: ParallelState, cfg: ParallelConfig, param_dtype: torch.dtype | None) -> DataParallel:
+def parallelize_vit(model: ViT, ps: ParallelState, cfg: ParallelConfig, param_dtype: torch.dtype | None) -> ViT:
+    """Apply TP/SP, then activation checkpointing, then FSDP (ZeRO-2/3) to a model or a pipeline stage."""
     sp = cfg.sequence_parallel and ps.tp > 1
     check_vit_layout(model, ps, sp)
     if ps.tp > 1:
@@ -83,4 +84,4 @@ def parallelize_vit(model: ViT, ps: ParallelState, cfg: ParallelConfig, param_dt
     apply_activation_checkpointing(model.blocks, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.zero >= 2 and ps.dp > 1:
         apply_fsdp(list(model.blocks.values()), model, ps, cfg.zero, param_dtype)
-    return DataParallel([model], ps, cfg.zero)
+    return model

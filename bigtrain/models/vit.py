@@ -208,16 +208,16 @@ class ViT(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
+        # contiguous (batch, token, channel) layout: the transposed view would otherwise
+        # propagate its strides through every residual add (and pipeline sends need
+        # contiguous tensors)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.drop(x)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-logit features (what few-shot probes are fitted on)."""
-        x = self.embed(images)
-        for block in self.blocks.values():
-            x = block(x)
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + pooling: tokens -> pre-logit features."""
         x = self.norm(x)
         if self.args.head == "cls":
             return x[:, 0]
@@ -226,12 +226,41 @@ class ViT(nn.Module):
         assert self.pool is not None
         return self.pool(x)
 
-    def forward(self, images: torch.Tensor, with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features (what few-shot probes are fitted on)."""
+        return self.forward(images, with_features=True)[1]
+
+    def forward(self, x: torch.Tensor, with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits; with ``with_features`` also the pre-logits (one pass, and through
-        ``forward`` so that wrappers hooking it, e.g. FSDP, see every call)."""
-        x = self.features(images)
-        logits = self.head(self.drop(x)) if self.head is not None else x
-        return (logits, x) if with_features else logits
+        ``forward`` so that wrappers hooking it, e.g. FSDP, see every call).
+
+        A pipeline stage (see ``prune_for_stage``) takes images only if it kept
+        the embedding, otherwise tokens, and returns tokens unless it kept the head.
+        """
+        if self.patch_embed is not None:
+            x = self.embed(x)
+        for block in self.blocks.values():
+            x = block(x)
+        if self.norm is None:
+            return x
+        feats = self.pool_tokens(x)
+        logits = self.head(self.drop(feats)) if self.head is not None else feats
+        return (logits, feats) if with_features else logits
+
+    def prune_for_stage(self, keep_blocks: list[str], first: bool, last: bool) -> None:
+        """Turn this model into one pipeline stage: keep some blocks, the embedding
+        only on the first stage, norm/pooling/classifier only on the last."""
+        for name in list(self.blocks.keys()):
+            if name not in keep_blocks:
+                del self.blocks[name]
+        if not first:
+            self.patch_embed = None
+            self.pos_embed = None
+            self.cls_token = None
+        if not last:
+            self.norm = None
+            self.pool = None
+            self.head = None
 
     # --- introspection used by optimizers, logging and benchmarks -----------------
     def num_params(self, trunk_only: bool = False) -> int:

@@ -10,17 +10,36 @@ from torch import nn
 from bigtrain.config.schema import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, head_weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """Parameter name without activation-checkpointing / compile wrapper components."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    head_weight_decay: float,
+    head_lr_mult: float,
+    no_decay_names: set[str] | None = None,
+    head_names: set[str] | None = None,
+) -> list[dict[str, Any]]:
     """Split trainable parameters into body-decay, no-decay and head groups.
 
     The model names its exempt parameters (``no_weight_decay()``: norms, biases,
     position embeddings, tokens) and its classifier (``head_param_names()``),
     which gets its own decoupled weight decay and LR multiplier, as in
-    "Scaling Vision Transformers". Group order is fixed, so optimizer
-    checkpoints line up between runs.
+    "Scaling Vision Transformers". A pipeline stage is only part of a model,
+    so the name sets can be given from the full model instead. Group order is
+    fixed, so optimizer checkpoints line up between runs.
     """
-    no_wd = getattr(model, "no_weight_decay", lambda: set())()
-    head = getattr(model, "head_param_names", lambda: set())()
+    no_wd = no_decay_names if no_decay_names is not None else getattr(model, "no_weight_decay", lambda: set())()
+    head = head_names if head_names is not None else getattr(model, "head_param_names", lambda: set())()
+    no_wd, head = {clean_name(n) for n in no_wd}, {clean_name(n) for n in head}
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "names": [], "weight_decay": weight_decay, "lr_mult": 1.0},
         "no_decay": {"params": [], "names": [], "weight_decay": 0.0, "lr_mult": 1.0},
@@ -30,15 +49,18 @@ def param_groups(model: nn.Module, weight_decay: float, head_weight_decay: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = clean_name(name)
         key = ("head_" if name in head else "") + ("no_decay" if name in no_wd else "decay")
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [dict(g, group=k) for k, g in groups.items() if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, no_decay_names: set[str] | None = None, head_names: set[str] | None = None
+) -> torch.optim.Optimizer:
     head_wd = cfg.weight_decay if cfg.head_weight_decay < 0 else cfg.head_weight_decay
-    groups = param_groups(model, cfg.weight_decay, head_wd, cfg.head_lr_mult)
+    groups = param_groups(model, cfg.weight_decay, head_wd, cfg.head_lr_mult, no_decay_names, head_names)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.name == "sgd":

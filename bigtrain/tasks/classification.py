@@ -20,6 +20,7 @@ class ClassificationTask(nn.Module):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.pipeline_logs: list[dict[str, float]] = []  # per micro-batch, filled on the last stage
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.loss(self.model(batch["image"]), batch)
@@ -36,3 +37,16 @@ class ClassificationTask(nn.Module):
         with torch.no_grad():
             top1 = ((logits.argmax(dim=-1) == labels).float() * weight).sum() / denom
         return {"loss": loss, "top1": top1}
+
+    # --- pipeline parallel: the last stage computes the loss from (output, target) -------
+    pipeline_log_keys = ("loss", "top1")  # what pipeline_loss records, known on every stage
+
+    def pipeline_target(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Everything the loss needs besides the output, as one tensor the schedule can split."""
+        return torch.stack([batch["label"].float(), batch.get("weight", torch.ones(batch["label"].shape[0]))], dim=-1)
+
+    def pipeline_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = self.loss(logits, {"label": target[:, 0].long(), "weight": target[:, 1]})
+        if logits.device.type != "meta":
+            self.pipeline_logs.append({k: float(v.detach()) for k, v in out.items()})
+        return out["loss"]

@@ -1,0 +1,1 @@
+"""Models written for one device; parallelism is applied from outside (bigtrain.distributed)."""
