@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,15 +17,20 @@ from bigtrain.checkpoint import Checkpointer
 from bigtrain.distributed import LaunchEnv, ParallelState
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
+from bigtrain.distributed.causal_lm import parallelize_lm
 from bigtrain.distributed.vit import parallelize_vit
 from bigtrain.config import Config, ConfigError
 from bigtrain.eval import ClassificationEvaluator
+from bigtrain.eval.causal_lm import CausalLMEvaluator
+from bigtrain.models.causal_lm import CausalLM, llama_config
 from bigtrain.models.vit import ViT, ViTArgs
 from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer
-from bigtrain.tasks import ClassificationTask
+from bigtrain.tasks import CausalLMTask, ClassificationTask
 from bigtrain.trainer import Trainer
 from data_pipeline import DataError, GlobalOrder, ImageBatchDataset, ImageSpec, SplitInfo, TrainStream, load_split
 from data_pipeline.index import find_foreign_shards, read_index
+from data_pipeline.loader import ShardBatchDataset, TokenBatchDataset
+from data_pipeline.text import write_text_shards
 from data_pipeline.writer import write_digits
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,10 @@ def ensure_data(cfg: Config) -> None:
         return
     if d.source == "none":
         raise DataError(f"data.dir={d.dir!r} has no shards for split '{d.train_split}' and data.source=none")
+    if d.source == "stdlib_text":
+        log.info("writing byte-level token shards of the Python standard library into %s", d.dir)
+        write_text_shards(d.dir, seq_len=cfg.model.seq_len, max_bytes=d.text_max_bytes, samples_per_shard=d.samples_per_shard)
+        return
     log.info("writing the embedded digits data set into %s", d.dir)
     write_digits(d.dir, image_size=d.image_size, samples_per_shard=d.samples_per_shard, seed=0)
 
@@ -64,7 +74,41 @@ def vit_args(cfg: Config) -> ViTArgs:
 
 def build_model(cfg: Config) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # init depends on the seed only, not on what ran before
-    return ViT(vit_args(cfg))
+    return ViT(vit_args(cfg)) if cfg.model.name == "vit" else CausalLM(lm_config(cfg))
+
+
+def lm_config(cfg: Config) -> Any:
+    m = cfg.model
+    if not (m.width and m.depth and m.num_heads and m.mlp_dim):
+        raise ConfigError("model.name=llama needs model.width, model.depth, model.num_heads and model.mlp_dim")
+    return llama_config(m.vocab_size, m.width, m.depth, m.num_heads, m.num_kv_heads, m.mlp_dim, m.seq_len)
+
+
+def parallelize(model: nn.Module, cfg: Config, ps: ParallelState, param_dtype: torch.dtype | None) -> nn.Module:
+    if isinstance(model, ViT):
+        return parallelize_vit(model, ps, cfg.parallel, param_dtype)
+    return parallelize_lm(model, ps, cfg.parallel, cfg.model.seq_len, param_dtype)
+
+
+def make_task(cfg: Config, model: nn.Module) -> nn.Module:
+    return ClassificationTask(model) if cfg.task == "classification" else CausalLMTask(model)
+
+
+def train_dataset(cfg: Config, split: SplitInfo) -> ShardBatchDataset:
+    order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
+    if cfg.model.name == "vit":
+        return ImageBatchDataset(split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
+    return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error)
+
+
+def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any) -> Any:
+    dp = {"dp_rank": ps.dp_rank, "dp_size": ps.dp, "dp_group": ps.group("dp")}
+    if cfg.model.name == "vit":
+        return ClassificationEvaluator(
+            cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
+            autocast=autocast, num_workers=cfg.data.num_workers, **dp,
+        )
+    return CausalLMEvaluator(eval_split, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=autocast, **dp)
 
 
 def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
@@ -109,15 +153,15 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     train_split, eval_split = load_splits(cfg)
     param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
     with torch.device("meta"):  # names for parameter groups, from the whole (unsplit) model
-        full = ViT(vit_args(cfg))
+        full = build_model(cfg)
     pipeline = None
     if ps.pp > 1:
-        task = ClassificationTask(nn.Identity())
+        task = make_task(cfg, nn.Identity())
 
         def build_stage(blocks: list[str], first: bool, last: bool) -> nn.Module:
             stage = build_model(cfg)  # same seed on every rank: stages hold slices of one init
             stage.prune_for_stage(blocks, first, last)
-            return parallelize_vit(stage, ps, cfg.parallel, param_dtype)
+            return parallelize(stage, cfg, ps, param_dtype)
 
         local = cfg.train.global_batch_size // ps.dp
         pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
@@ -125,8 +169,8 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         parts, micro = pipeline.parts, local  # the schedule splits the local batch itself
         task.model = PipelineModel(pipeline)
     else:
-        parts = [parallelize_vit(build_model(cfg), ps, cfg.parallel, param_dtype)]
-        task = ClassificationTask(parts[0])
+        parts = [parallelize(build_model(cfg), cfg, ps, param_dtype)]
+        task = make_task(cfg, parts[0])
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
@@ -134,10 +178,8 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     s = cfg.schedule
     spec = ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
     schedule = LRSchedule(optimizer, cfg.optim.lr, spec)
-    order = GlobalOrder([sh.num_samples for sh in train_split.shards], cfg.train.seed, cfg.data.shuffle_window)
-    dataset = ImageBatchDataset(train_split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
     stream = TrainStream(
-        dataset, cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
+        train_dataset(cfg, train_split), cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
     )
@@ -145,16 +187,11 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier
     )
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
-    trainer.evaluator = ClassificationEvaluator(
-        cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
-        autocast=trainer.autocast, num_workers=cfg.data.num_workers,
-        dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"),
-    )
-    params, flops = full.num_params(), full.train_flops_per_sample()
+    trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)
+    flops = full.train_flops_per_sample() if isinstance(full, ViT) else full.train_flops_per_token(cfg.model.seq_len) * cfg.model.seq_len
     log.info(
-        "model: ViT %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
-        cfg.model.variant, params / 1e6, flops / 1e9,
-        train_split.num_samples, eval_split.num_samples,
+        "model: %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
+        cfg.model.name, full.num_params() / 1e6, flops / 1e9, train_split.num_samples, eval_split.num_samples,
     )
     return trainer
 

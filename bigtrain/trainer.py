@@ -166,7 +166,7 @@ class Trainer:
         batch = batches[0]  # under PP the stream yields the whole per-rank batch
         self.task.pipeline_logs.clear()
         with self.autocast():
-            losses = self.pipeline.step(batch["image"], self.task.pipeline_target(batch))
+            losses = self.pipeline.step(self.task.pipeline_inputs(batch), self.task.pipeline_target(batch))
         # The schedule's first step also runs the loss on placeholder tensors to infer
         # shapes: only the last len(losses) records belong to real micro-batches.
         mbs = self.task.pipeline_logs[len(self.task.pipeline_logs) - len(losses) :] if losses else []

@@ -8,6 +8,7 @@ import os
 import sys
 
 from data_pipeline.index import DataError, load_split, read_index
+from data_pipeline.text import write_text_shards
 from data_pipeline.writer import write_digits, write_imagefolder
 
 
@@ -28,6 +29,11 @@ def build_parser(prog: str = "python -m data_pipeline") -> argparse.ArgumentPars
     imf.add_argument("--split", default="train", help="split name (shard prefix)")
     imf.add_argument("--samples-per-shard", type=int, default=1000)
     imf.add_argument("--seed", type=int, default=0)
+    txt = wsub.add_parser("text", help="token shards of CPython's standard-library sources (byte-level tokens)")
+    txt.add_argument("--out", required=True, help="output directory")
+    txt.add_argument("--seq-len", type=int, default=128)
+    txt.add_argument("--max-bytes", type=int, default=2_000_000)
+    txt.add_argument("--samples-per-shard", type=int, default=512)
     ins = sub.add_parser("inspect", help="print the splits, shard and sample counts of a data directory")
     ins.add_argument("dir")
     ins.add_argument("--split", action="append", help="split(s) to inspect; default: all in index.json")
@@ -41,6 +47,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m data_pipeline") -
             out = write_digits(args.out, args.image_size, args.samples_per_shard, args.test_fraction, args.seed)
             for split, shards in out.items():
                 print(f"{split}: {sum(s.num_samples for s in shards)} samples in {len(shards)} shards -> {args.out}")
+        elif args.command == "write" and args.source == "text":
+            out = write_text_shards(args.out, args.seq_len, args.max_bytes, samples_per_shard=args.samples_per_shard)
+            for split, shards in out.items():
+                print(f"{split}: {sum(s.num_samples for s in shards)} sequences in {len(shards)} shards -> {args.out}")
         elif args.command == "write":
             shards = write_imagefolder(args.src, args.out, args.split, args.samples_per_shard, args.seed)
             print(f"{args.split}: {sum(s.num_samples for s in shards)} samples in {len(shards)} shards -> {args.out}")

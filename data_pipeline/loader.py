@@ -88,30 +88,30 @@ def augment(arr: np.ndarray, spec: ImageSpec, rng: np.random.Generator) -> np.nd
     return arr
 
 
-class ImageBatchDataset(Dataset):
-    """Map-style dataset whose items are whole batches: ``ds[[p0, p1, ...]]``."""
+class ShardBatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches: ``ds[[p0, p1, ...]]``.
 
-    def __init__(self, split: SplitInfo, order: GlobalOrder, spec: ImageSpec, seed: int, train: bool) -> None:
-        self.split, self.order, self.spec, self.seed, self.train = split, order, spec, seed, train
+    Subclasses turn one sample's tar members into a dict of arrays
+    (``decode``); this class reads members by global position and batches,
+    replacing bad samples (see ``__getitem__``).
+    """
+
+    def __init__(self, split: SplitInfo, order: GlobalOrder, seed: int, train: bool, on_error: str) -> None:
+        self.split, self.order, self.seed, self.train, self.on_error = split, order, seed, train, on_error
         self.reader: ShardReader | None = None  # opened lazily, per process
-        c = spec.channels
-        self.mean = np.asarray(spec.mean * (c if len(spec.mean) == 1 else 1), dtype=np.float32)
-        self.std = np.asarray(spec.std * (c if len(spec.std) == 1 else 1), dtype=np.float32)
 
-    def load(self, position: int) -> tuple[np.ndarray, int]:
+    def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load(self, position: int) -> dict[str, Any]:
         if self.reader is None:
             self.reader = ShardReader()
         _, shard, index = self.order.lookup(position)
-        path = self.split.path(shard)
         try:
-            _, members = self.reader.read(path, index)
+            _, members = self.reader.read(self.split.path(shard), index)
         except (IndexError, OSError) as exc:
             raise SampleError(str(exc)) from None
-        arr = decode_image(members, self.spec)
-        label = decode_label(members, self.spec.num_classes)
-        if self.train and self.spec.augment != "none":
-            arr = augment(arr, self.spec, np.random.default_rng([self.seed, position, 7]))
-        return (arr - self.mean) / self.std, label
+        return self.decode(members, position)
 
     def __getitem__(self, positions: list[int]) -> dict[str, Any]:
         """A batch of exactly ``len(positions)`` samples.
@@ -121,40 +121,69 @@ class ImageBatchDataset(Dataset):
         and pipeline-parallel rank keeps running the same collectives) and the
         substitute contributes nothing to losses or metrics.
         """
-        images: list[np.ndarray | None] = []
-        labels: list[int] = []
+        samples: list[dict[str, Any] | None] = []
         errors = []
         for p in positions:
             try:
-                arr, label = self.load(p)
+                samples.append(self.load(p))
             except SampleError as exc:
                 _, shard, index = self.order.lookup(p)
                 msg = f"{self.split.shards[shard].name}#{index}: {exc}"
-                if self.spec.on_error == "raise":
+                if self.on_error == "raise":
                     raise DataError(f"bad sample {msg} (set data.on_error=skip to count and skip)") from None
                 errors.append(msg)
-                images.append(None)
-                labels.append(-1)
-                continue
-            images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            labels.append(label)
-        good = next((i for i, im in enumerate(images) if im is not None), None)
+                samples.append(None)
+        good = next((x for x in samples if x is not None), None)
         if good is None:
             raise DataError(f"every sample of a batch of {len(positions)} was bad, e.g. {errors[0]}")
-        weight = [0.0 if im is None else 1.0 for im in images]
-        images = [images[good] if im is None else im for im in images]
-        labels = [labels[good] if w == 0.0 else y for y, w in zip(labels, weight)]
-        return {
-            "image": torch.from_numpy(np.stack(images)),  # type: ignore[arg-type]
-            "label": torch.tensor(labels, dtype=torch.long),
-            "weight": torch.tensor(weight),
-            "num_samples": len(positions) - len(errors),
-            "num_errors": len(errors),
-            "errors": errors[:3],
+        batch: dict[str, Any] = {
+            key: torch.as_tensor(np.stack([(x or good)[key] for x in samples])) for key in good
         }
+        batch["weight"] = torch.tensor([0.0 if x is None else 1.0 for x in samples])
+        batch.update(num_samples=len(positions) - len(errors), num_errors=len(errors), errors=errors[:3])
+        return batch
 
     def __len__(self) -> int:  # only meaningful for the sequential (eval) order
         return self.order.epoch_size
+
+
+class ImageBatchDataset(ShardBatchDataset):
+    """Image classification samples: ``image`` (C, H, W float, normalised) and ``label``."""
+
+    def __init__(self, split: SplitInfo, order: GlobalOrder, spec: ImageSpec, seed: int, train: bool) -> None:
+        super().__init__(split, order, seed, train, spec.on_error)
+        self.spec = spec
+        c = spec.channels
+        self.mean = np.asarray(spec.mean * (c if len(spec.mean) == 1 else 1), dtype=np.float32)
+        self.std = np.asarray(spec.std * (c if len(spec.std) == 1 else 1), dtype=np.float32)
+
+    def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
+        arr = decode_image(members, self.spec)
+        label = decode_label(members, self.spec.num_classes)
+        if self.train and self.spec.augment != "none":
+            arr = augment(arr, self.spec, np.random.default_rng([self.seed, position, 7]))
+        arr = (arr - self.mean) / self.std
+        return {"image": np.ascontiguousarray(arr.transpose(2, 0, 1)), "label": np.int64(label)}
+
+
+class TokenBatchDataset(ShardBatchDataset):
+    """Packed token sequences (``.tok``: little-endian uint16): ``tokens`` of length seq_len + 1."""
+
+    def __init__(self, split: SplitInfo, order: GlobalOrder, seq_len: int, vocab_size: int, seed: int, on_error: str) -> None:
+        super().__init__(split, order, seed, train=False, on_error=on_error)
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+
+    def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
+        raw = members.get("tok")
+        if raw is None or len(raw) % 2:
+            raise SampleError(f"no whole uint16 'tok' member (have {sorted(members)})")
+        tokens = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+        if len(tokens) < self.seq_len + 1:
+            raise SampleError(f"sequence of {len(tokens)} tokens is shorter than seq_len + 1 = {self.seq_len + 1}")
+        tokens = tokens[: self.seq_len + 1]
+        if tokens.max(initial=0) >= self.vocab_size:
+            raise SampleError(f"token id {int(tokens.max())} out of range for vocab_size {self.vocab_size}")
+        return {"tokens": tokens}
 
 
 def _loader(dataset: Dataset, batches: Any, num_workers: int) -> DataLoader:
@@ -177,7 +206,7 @@ class TrainStream:
 
     def __init__(
         self,
-        dataset: ImageBatchDataset,
+        dataset: ShardBatchDataset,
         global_batch_size: int,
         micro_batch_size: int,
         dp_rank: int = 0,
@@ -246,12 +275,26 @@ class TrainStream:
 
 
 def sequential_batches(
-    split: SplitInfo, spec: ImageSpec, batch_size: int, rank: int = 0, world: int = 1, limit: int = 0, num_workers: int = 0
+    split: SplitInfo,
+    spec: ImageSpec | None,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    limit: int = 0,
+    num_workers: int = 0,
+    make_dataset: Any = None,
 ) -> Iterator[dict[str, Any]]:
-    """One pass over a split in stored order (no augmentation), this rank's contiguous share."""
+    """One pass over a split in stored order (no augmentation), this rank's contiguous share.
+
+    Images by default; ``make_dataset(split, order)`` builds another dataset type.
+    """
     order = GlobalOrder([s.num_samples for s in split.shards], seed=0, shuffle=False)
     total = min(order.epoch_size, limit) if limit else order.epoch_size
     lo, hi = rank * total // world, (rank + 1) * total // world
     chunks = [list(range(a, min(a + batch_size, hi))) for a in range(lo, hi, batch_size)]
-    dataset = ImageBatchDataset(split, order, spec, seed=0, train=False)
+    if make_dataset is not None:
+        dataset = make_dataset(split, order)
+    else:
+        assert spec is not None
+        dataset = ImageBatchDataset(split, order, spec, seed=0, train=False)
     yield from _loader(dataset, chunks, num_workers)

@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -28,15 +29,10 @@ class Example:
     label: int
 
 
-def write_shards(
-    examples: Iterable[Example],
-    root: str,
-    split: str,
-    samples_per_shard: int,
-    num_classes: int,
-    classes: list[str] | None = None,
+def write_member_shards(
+    samples: Iterable[tuple[str, dict[str, bytes]]], root: str, split: str, samples_per_shard: int, extra: dict[str, Any]
 ) -> list[ShardInfo]:
-    """Write ``examples`` as ``{root}/{split}-NNNNNN.tar`` and record them in index.json."""
+    """Write ``(key, {ext: bytes})`` samples as ``{root}/{split}-NNNNNN.tar`` and record them in index.json."""
     if samples_per_shard <= 0:
         raise DataError("samples_per_shard must be > 0")
     os.makedirs(root, exist_ok=True)
@@ -53,22 +49,39 @@ def write_shards(
             shards.append(ShardInfo(final_name, count))
             writer = None
 
-    for ex in examples:
-        if not 0 <= ex.label < num_classes:
-            raise DataError(f"sample {ex.key}: label {ex.label} out of range [0, {num_classes})")
+    for key, members in samples:
         if writer is None or count == samples_per_shard:
             close()
             final_name = f"{split}-{len(shards):06d}.tar"
             tmp_path = os.path.join(root, f".{final_name}.tmp")
             writer = wds.TarWriter(tmp_path)
             count = 0
-        writer.write({"__key__": ex.key, ex.image_ext: ex.image, "cls": str(ex.label).encode()})
+        writer.write({"__key__": key, **members})
         count += 1
     close()
     if not shards:
         raise DataError(f"no samples to write for split '{split}'")
-    write_split_index(root, split, shards, {"num_classes": num_classes, "classes": classes or []})
+    write_split_index(root, split, shards, extra)
     return shards
+
+
+def write_shards(
+    examples: Iterable[Example],
+    root: str,
+    split: str,
+    samples_per_shard: int,
+    num_classes: int,
+    classes: list[str] | None = None,
+) -> list[ShardInfo]:
+    """Labelled images -> shards with ``key.<image ext>`` and ``key.cls`` members."""
+
+    def members() -> Iterator[tuple[str, dict[str, bytes]]]:
+        for ex in examples:
+            if not 0 <= ex.label < num_classes:
+                raise DataError(f"sample {ex.key}: label {ex.label} out of range [0, {num_classes})")
+            yield ex.key, {ex.image_ext: ex.image, "cls": str(ex.label).encode()}
+
+    return write_member_shards(members(), root, split, samples_per_shard, {"num_classes": num_classes, "classes": classes or []})
 
 
 def _png(array: np.ndarray) -> bytes:

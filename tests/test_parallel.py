@@ -20,38 +20,55 @@ from conftest import ROOT, TEST_CONFIG
 
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 2e-5
-COMMON = ["model.dropout=0", "train.steps=6", "schedule.cooldown_steps=2", "checkpoint.every_steps=0", "train.micro_batch_size=0", "parallel.timeout_s=120"]
+LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
+MODELS = {
+    # config, overrides for every run of that model
+    "vit": (TEST_CONFIG, ["model.dropout=0", "train.steps=6", "schedule.cooldown_steps=2", "checkpoint.every_steps=0",
+                          "train.micro_batch_size=0", "parallel.timeout_s=120"]),
+    "llama": (LM_CONFIG, ["train.steps=6", "checkpoint.every_steps=0", "parallel.timeout_s=120"]),
+}
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _overrides(digits_dir: str) -> list[str]:
+def _overrides(model: str, data_dir: str) -> list[str]:
     out = []
-    for o in [f"data.dir={digits_dir}", *COMMON]:
+    for o in [f"data.dir={data_dir}", *MODELS[model][1]]:
         out += ["--override", o]
     return out
 
 
 @pytest.fixture(scope="module")
-def reference(digits_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    work = tmp_path_factory.mktemp("parity")
+def lm_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from data_pipeline.text import write_text_shards
+
+    root = str(tmp_path_factory.mktemp("stdlib_seq64"))
+    write_text_shards(root, seq_len=64, max_bytes=300_000, samples_per_shard=256)
+    return root
+
+
+@pytest.fixture(scope="module", params=["vit", "llama"])
+def reference(request: pytest.FixtureRequest, digits_dir: str, lm_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    model = request.param
+    data_dir = digits_dir if model == "vit" else lm_data_dir
+    work = tmp_path_factory.mktemp(f"parity-{model}")
     ref = work / "ref.pt"
     subprocess.run(
-        [sys.executable, "-m", "bigtrain.distributed.parity", "--config", str(TEST_CONFIG), *_overrides(digits_dir),
-         "--workdir", str(work), "--reference", str(ref)],
+        [sys.executable, "-m", "bigtrain.distributed.parity", "--config", str(MODELS[model][0]),
+         *_overrides(model, data_dir), "--workdir", str(work), "--reference", str(ref)],
         check=True, env=_env(), cwd=ROOT, timeout=300, capture_output=True,
     )
-    return ref, digits_dir
+    return model, ref, data_dir
 
 
-def run_layouts(reference: tuple[Path, str], nproc: int, layouts: list[list[str]], tmp_path: Path) -> dict:
-    ref, digits_dir = reference
+def run_layouts(reference: tuple, nproc: int, layouts: list[list[str]], tmp_path: Path) -> dict:
+    model, ref, data_dir = reference
     out = tmp_path / "results.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-        "-m", "bigtrain.distributed.parity", "--config", str(TEST_CONFIG), *_overrides(digits_dir),
+        "-m", "bigtrain.distributed.parity", "--config", str(MODELS[model][0]), *_overrides(model, data_dir),
         "--workdir", str(tmp_path), "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts),
     ]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, timeout=900, capture_output=True, text=True)

@@ -36,9 +36,12 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     dir: str = doc("data/digits", "Dataset root holding webdataset shards (written here when missing and source allows).")
-    source: Literal["digits", "none"] = doc(
-        "digits", "What to write into data.dir if it has no shards: 'digits' (embedded sklearn digits) or 'none' (error)."
+    source: Literal["digits", "stdlib_text", "none"] = doc(
+        "digits",
+        "What to write into data.dir if it has no shards: 'digits' (embedded sklearn digits), 'stdlib_text' "
+        "(byte-level token sequences of CPython's standard library sources) or 'none' (error).",
     )
+    text_max_bytes: int = doc(2_000_000, "stdlib_text: bytes of source text to tokenize.")
     train_split: str = doc("train", "Split name (shard prefix) used for training.")
     eval_split: str = doc("test", "Split name (shard prefix) used for evaluation.")
     image_size: int = doc(32, "Images are resized to this square size.")
@@ -58,12 +61,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["vit"] = doc("vit", "Model family.")
+    name: Literal["vit", "llama"] = doc("vit", "Model family: ViT, or a decoder-only LM built from HF LlamaForCausalLM.")
     variant: str = doc("Ti", "Size from 'Scaling Vision Transformers' (Ti,S,M,B,L,H,g,G) or 'custom'.")
     width: int = doc(0, "Hidden size; 0 = from variant.")
     depth: int = doc(0, "Number of blocks; 0 = from variant.")
     mlp_dim: int = doc(0, "MLP hidden size; 0 = from variant.")
     num_heads: int = doc(0, "Attention heads; 0 = from variant.")
+    num_kv_heads: int = doc(0, "llama: key/value heads (grouped-query attention); 0 = num_heads.")
+    vocab_size: int = doc(257, "llama: vocabulary size (257 = bytes + end-of-text, the stdlib_text tokenizer).")
+    seq_len: int = doc(128, "llama: tokens per training sequence.")
     patch_size: int = doc(4, "Square patch size in pixels.")
     image_size: int = doc(32, "Input resolution (must equal data.image_size).")
     in_channels: int = doc(1, "Input channels (must equal data.channels).")
@@ -162,12 +168,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallel layout."})
-    task: Literal["classification"] = doc("classification", "Training objective.")
+    task: Literal["classification", "causal_lm"] = doc("classification", "Training objective (must suit model.name).")
     resume: str = doc("auto", "'auto' = latest complete checkpoint in run.dir if any, 'never', or a checkpoint path.")
 
     def validate(self) -> None:
         """Cross-field checks that need more than one section."""
-        t, m, d, s = self.train, self.model, self.data, self.schedule
+        t, m = self.train, self.model
         _positive("train.steps", t.steps)
         _positive("train.global_batch_size", t.global_batch_size)
         if t.micro_batch_size < 0:
@@ -177,6 +183,17 @@ class Config:
                 f"config key 'train.global_batch_size' ({t.global_batch_size}) is not divisible by "
                 f"'train.micro_batch_size' ({t.micro_batch_size})"
             )
+        expected_task = {"vit": "classification", "llama": "causal_lm"}[m.name]
+        if self.task != expected_task:
+            raise ConfigError(f"config key 'task' ({self.task}) does not suit model.name={m.name}; use task={expected_task}")
+        if m.name == "vit":
+            self._validate_vit()
+        _positive("model.seq_len", m.seq_len)
+        _positive("model.vocab_size", m.vocab_size)
+        self._validate_rest()
+
+    def _validate_vit(self) -> None:
+        m, d = self.model, self.data
         if m.image_size != d.image_size:
             raise ConfigError(f"config key 'model.image_size' ({m.image_size}) must equal 'data.image_size' ({d.image_size})")
         if m.in_channels != d.channels:
@@ -189,6 +206,9 @@ class Config:
                 raise ConfigError(f"config key 'data.{key}' needs 1 or {d.channels} values, got {len(vals)}")
         if any(v <= 0 for v in d.std):
             raise ConfigError("config key 'data.std' must be positive")
+
+    def _validate_rest(self) -> None:
+        t, m, d, s = self.train, self.model, self.data, self.schedule
         _positive("data.shuffle_window", d.shuffle_window)
         _positive("data.samples_per_shard", d.samples_per_shard)
         _positive("model.num_classes", m.num_classes)

@@ -41,6 +41,9 @@ class ClassificationTask(nn.Module):
     # --- pipeline parallel: the last stage computes the loss from (output, target) -------
     pipeline_log_keys = ("loss", "top1")  # what pipeline_loss records, known on every stage
 
+    def pipeline_inputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["image"]
+
     def pipeline_target(self, batch: dict[str, Any]) -> torch.Tensor:
         """Everything the loss needs besides the output, as one tensor the schedule can split."""
         return torch.stack([batch["label"].float(), batch.get("weight", torch.ones(batch["label"].shape[0]))], dim=-1)

@@ -1,0 +1,58 @@
+"""Held-out next-token loss, perplexity and token accuracy of a causal LM."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigtrain.tasks.causal_lm import CausalLMTask
+from data_pipeline import SplitInfo, sequential_batches
+from data_pipeline.loader import TokenBatchDataset
+
+
+class CausalLMEvaluator:
+    def __init__(
+        self,
+        split: SplitInfo,
+        seq_len: int,
+        vocab_size: int,
+        batch_size: int,
+        max_samples: int = 0,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        dp_group: Any = None,
+    ) -> None:
+        self.split, self.seq_len, self.vocab_size, self.batch_size = split, seq_len, vocab_size, batch_size
+        self.max_samples, self.autocast = max_samples, autocast
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        task = CausalLMTask(model)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss * tokens, correct tokens, tokens
+        try:
+            batches = sequential_batches(
+                self.split, None, self.batch_size, self.dp_rank, self.dp_size, self.max_samples,
+                make_dataset=lambda split, order: TokenBatchDataset(split, order, self.seq_len, self.vocab_size, 0, "skip"),
+            )
+            for batch in batches:
+                with self.autocast():
+                    out = task(batch)
+                n = float(batch["weight"].sum()) * self.seq_len
+                totals += torch.tensor([float(out["loss"]) * n, float(out["token_acc"]) * n, n], dtype=torch.float64)
+        finally:
+            model.train(was_training)
+        if self.dp_size > 1:
+            dist.all_reduce(totals, group=self.dp_group)
+        loss = float(totals[0] / totals[2])
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/token_acc": float(totals[1] / totals[2]),
+                "eval/tokens": int(totals[2])}
