@@ -157,3 +157,48 @@ def test_torchrun_layout_mismatch_is_one_line(digits_dir: str, tmp_path: Path) -
     assert proc.returncode != 0
     assert "error: cannot infer parallel.pp: dp=2 x tp=2 = 4 does not divide the world size 2" in proc.stderr
     assert f'File "{ROOT / "bigtrain"}' not in proc.stderr, "no traceback from inside bigtrain, only torchrun's own report"
+
+
+def test_killed_rank_fails_the_job_fast(digits_dir: str, tmp_path: Path) -> None:
+    """kill -9 of one rank mid-training ends the whole job promptly instead of hanging."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "bigtrain", "train",
+           str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={run}", "train.steps=100000", "eval.every_steps=0",
+           "checkpoint.every_steps=0", "checkpoint.save_final=false", "parallel.zero=3", "parallel.timeout_s=30"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until training is under way
+            if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("training did not start")
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        t0 = time.monotonic()
+        proc.wait(timeout=90)
+        assert proc.returncode != 0
+        assert time.monotonic() - t0 < 90
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_launch_env_detection() -> None:
+    from bigtrain.distributed.mesh import LaunchEnv, first_host
+
+    assert LaunchEnv.detect({}).world_size == 1
+    tr = LaunchEnv.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "1234"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.master_addr, tr.master_port, tr.source) == (3, 8, 1, "10.0.0.5", 1234, "torchrun")
+    sl = LaunchEnv.detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+                           "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu3"})
+    assert (sl.rank, sl.world_size, sl.local_rank, sl.source) == (5, 8, 1, "slurm")
+    assert sl.master_addr == "gpu07" and sl.master_port == 20000 + 4242
+    assert LaunchEnv.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"  # sbatch shell, not srun
+    assert first_host("node1") == "node1" and first_host("a[3-4]b") == "a3b"
