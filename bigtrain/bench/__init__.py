@@ -1,0 +1,1 @@
+"""Benchmarks (measured, printed, not asserted): ``python -m bigtrain.bench.parallel``."""
