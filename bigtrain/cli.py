@@ -7,15 +7,18 @@ resubmit with resume=auto to continue.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
 from bigtrain.trainer import EXIT_BAD_INPUT
+
+if TYPE_CHECKING:
+    from bigtrain.distributed import ParallelState
 
 USAGE = """bigtrain <command> ...
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from bigtrain.cli import main
 from bigtrain.trainer import EXIT_BAD_INPUT
