@@ -175,9 +175,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
     optimizer = build_optimizer(model, cfg.optim, full.no_weight_decay(), full.head_param_names())
-    s = cfg.schedule
-    spec = ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
-    schedule = LRSchedule(optimizer, cfg.optim.lr, spec)
+    schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     stream = TrainStream(
         train_dataset(cfg, train_split), cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
@@ -194,6 +192,11 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         cfg.model.name, full.num_params() / 1e6, flops / 1e9, train_split.num_samples, eval_split.num_samples,
     )
     return trainer
+
+
+def schedule_spec(cfg: Config) -> ScheduleSpec:
+    s = cfg.schedule
+    return ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
 
 
 def pipeline_microbatches(cfg: Config, local_batch: int, pp: int) -> int:

@@ -46,8 +46,8 @@ def run_bigtrain(cfg: Any, steps: int) -> tuple[list[float], list[float]]:
 
 def run_reference(cfg: Any, steps: int, ddp: bool) -> tuple[list[float], list[float]]:
     """Plain PyTorch (optionally DDP): model + task + AdamW groups from bigtrain, nothing else."""
-    from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer
-    from bigtrain.recipes import build_model, ensure_data, load_splits, make_task, train_dataset
+    from bigtrain.optim import LRSchedule, build_optimizer
+    from bigtrain.recipes import build_model, ensure_data, load_splits, make_task, schedule_spec, train_dataset
 
     rank, world = 0, 1
     if ddp:
@@ -61,9 +61,7 @@ def run_reference(cfg: Any, steps: int, ddp: bool) -> tuple[list[float], list[fl
     task = make_task(cfg, model)
     wrapped = torch.nn.parallel.DistributedDataParallel(task) if ddp else task
     optimizer = build_optimizer(model, cfg.optim)
-    sc = cfg.schedule
-    schedule = LRSchedule(optimizer, cfg.optim.lr, ScheduleSpec(
-        cfg.train.steps, sc.warmup_steps, sc.decay, sc.rsqrt_timescale, sc.cooldown_steps, sc.final_lr_ratio))
+    schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     dataset = train_dataset(cfg, load_splits(cfg)[0])
     local = cfg.train.global_batch_size // world
     times, losses = [], []
