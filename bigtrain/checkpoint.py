@@ -4,6 +4,7 @@ Layout::
 
     run_dir/checkpoints/step_00000100/     complete checkpoint (DCP files + marker)
         .metadata, __0_0.distcp, ...
+        config.yaml                       the resolved config of the run that saved it
         bigtrain_complete.json            written last; {"step": ..., "world_size": ...}
     run_dir/checkpoints/.tmp_step_00000200/ a save in progress (never loaded)
 
@@ -29,6 +30,8 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,9 +48,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from bigtrain import faults
+
 log = logging.getLogger(__name__)
 
 MARKER = "bigtrain_complete.json"
+CONFIG_FILE = "config.yaml"  # the resolved config of the run that saved the checkpoint
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_KEYS = ("model", "optimizer", "lr_schedule", "dataloader", "trainer", "rng")
 
@@ -177,8 +183,25 @@ def resolve_resume(ckpt_root: str, resume: str) -> str | None:
     return resume
 
 
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose files are still being written by a background thread."""
+
+    step: int
+    tmp: str
+    final: str
+    meta: dict[str, Any]
+    future: Future[Any]
+    t0: float
+
+
 class Checkpointer:
-    """Saves/loads the fixed stateful keys under ``run_dir/checkpoints``."""
+    """Saves/loads the fixed stateful keys under ``run_dir/checkpoints``.
+
+    ``group`` is the process group DCP coordinates on. Asynchronous saves run DCP's
+    planning collectives in a background thread, so they need a group of their own
+    (a second gloo group), never the one training collectives use at the same time.
+    """
 
     def __init__(
         self,
@@ -188,10 +211,15 @@ class Checkpointer:
         rank: int = 0,
         world_size: int = 1,
         barrier: Callable[[], None] = lambda: None,
+        group: dist.ProcessGroup | None = None,
+        config_text: str = "",
     ) -> None:
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank, self.world_size, self.barrier = rank, world_size, barrier
+        self.group, self.config_text = group, config_text
+        self.pending: _PendingSave | None = None
+        self.last_blocked_s = 0.0  # how long the last save() call blocked the caller
 
     def latest(self) -> str | None:
         return resolve_resume(self.root, "auto")
@@ -199,7 +227,15 @@ class Checkpointer:
     def resolve(self, resume: str) -> str | None:
         return resolve_resume(self.root, resume)
 
-    def save(self, step: int, state: dict[str, Stateful], extra: dict[str, Any] | None = None) -> str:
+    def save(self, step: int, state: dict[str, Stateful], extra: dict[str, Any] | None = None,
+             asynchronous: bool = False) -> str:
+        """Write a checkpoint of ``state`` for ``step``; returns its final path.
+
+        Synchronous: returns after the checkpoint is committed. Asynchronous: returns once
+        the state is copied to memory; ``commit_pending`` (when every rank's write is done)
+        or ``wait`` commits it. Until then it is a temporary directory no resume picks up.
+        """
+        self.wait()  # one save in flight at a time; commits the previous one first
         t0 = time.perf_counter()
         final = os.path.join(self.root, step_dir_name(step))
         tmp = os.path.join(self.root, ".tmp_" + step_dir_name(step))
@@ -207,12 +243,47 @@ class Checkpointer:
             os.makedirs(self.root, exist_ok=True)
             if os.path.exists(tmp):  # left over by a crashed save of the same step
                 shutil.rmtree(tmp)
+            os.makedirs(tmp)
+            if self.config_text:  # the resolved config travels with the weights (export needs it)
+                with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                    f.write(self.config_text)
         self.barrier()
+        meta = {"step": step, "world_size": self.world_size, "time": time.time(), "keys": sorted(state), **(extra or {})}
         with _single_process_ok():
-            dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+            if asynchronous:
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+                self.pending = _PendingSave(step, tmp, final, meta, future, t0)  # type: ignore[arg-type]
+                self.last_blocked_s = time.perf_counter() - t0
+                return final
+            dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+        faults.maybe_kill("kill_in_save", step, self.rank)
         self.barrier()  # every rank's shard is on disk before the commit
+        self._commit(tmp, final, meta, t0)
+        self.last_blocked_s = time.perf_counter() - t0
+        return final
+
+    def pending_write_done(self) -> bool:
+        """This rank's part of the in-flight asynchronous save is on disk (or there is none)."""
+        return self.pending is None or self.pending.future.done()
+
+    def commit_pending(self) -> None:
+        """Commit the asynchronous save; call only when every rank reported its write done."""
+        p = self.pending
+        if p is None:
+            return
+        self.pending = None
+        p.future.result()  # re-raises a failed write: an incomplete checkpoint is never committed
+        self._commit(p.tmp, p.final, p.meta, p.t0)
+
+    def wait(self) -> None:
+        """Block until the in-flight asynchronous save is written on every rank, then commit it."""
+        if self.pending is not None:
+            self.pending.future.result()
+            self.barrier()
+            self.commit_pending()
+
+    def _commit(self, tmp: str, final: str, meta: dict[str, Any], t0: float) -> None:
         if self.rank == 0:
-            meta = {"step": step, "world_size": self.world_size, "time": time.time(), "keys": sorted(state), **(extra or {})}
             marker = os.path.join(tmp, MARKER)
             with open(marker, "w") as f:
                 json.dump(meta, f, indent=1)
@@ -224,15 +295,27 @@ class Checkpointer:
             os.rename(tmp, final)
             _fsync_dir(self.root)
             self._prune()
-        self.barrier()
+        self.barrier()  # every rank sees the committed checkpoint (a rollback may load it next)
         log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
-        return final
 
     def load(self, path: str, state: dict[str, Stateful]) -> dict[str, Any]:
+        """Load ``state`` from a complete checkpoint, re-sharding to this run's layout.
+
+        Per-rank entries (RNG streams) of ranks the saving run did not have are left
+        as they are: a run on more ranks than the checkpoint still resumes.
+        """
         if not is_complete(path):
             raise CheckpointError(f"{path} is not a complete checkpoint")
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        keep = {}
+        for key, obj in state.items():
+            if isinstance(obj, RNGState) and not any(k.startswith(f"{key}.{obj.key}.") for k in saved):
+                log.warning("checkpoint %s has no RNG state for %s (saved on fewer ranks): keeping this rank's seed", path, obj.key)
+                continue
+            keep[key] = obj
         with _single_process_ok():
-            dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner(), no_dist=not _distributed())
+            dcp.load(keep, checkpoint_id=path, planner=SafeLoadPlanner(), process_group=self.group,
+                     no_dist=not _distributed())
         with open(os.path.join(path, MARKER)) as f:
             return json.load(f)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
-from bigtrain.trainer import EXIT_BAD_INPUT
+from bigtrain.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged
 
 if TYPE_CHECKING:
     from bigtrain.distributed import ParallelState
@@ -29,6 +29,12 @@ commands:
   report RUN_DIR                  draw RUN_DIR/metrics.jsonl into RUN_DIR/report.png
   config describe                 list every config key with type, default and meaning
   config show CONFIG [key=value]  print the resolved config
+  export CKPT --format safetensors|hf --out PATH
+                                  consolidate a sharded checkpoint into one model file (any world size)
+
+exit codes: 0 done, 1 crash, 2 bad input (config, data, checkpoint), 3 training diverged
+(numerical guard gave up), 75 stopped early after saving (preemption signal or
+train.max_minutes): resubmit the same command to continue.
 """
 
 
@@ -137,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(rest)
         if cmd == "config":
             return cmd_config(rest)
+        if cmd == "export":
+            from bigtrain.export import main as export_main
+
+            return export_main(rest)
         if cmd == "report":
             from bigtrain.report import make_report
 
@@ -151,5 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     print(f"error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return EXIT_BAD_INPUT

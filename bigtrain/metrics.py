@@ -99,6 +99,12 @@ class Progress:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
             self.bar.update(1)
 
+    def reset(self, position: int) -> None:
+        """Jump back (after a rollback) without restarting the throughput clock."""
+        if self.bar is not None:
+            self.bar.n = position
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

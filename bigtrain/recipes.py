@@ -19,7 +19,7 @@ from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
 from bigtrain.distributed.causal_lm import parallelize_lm
 from bigtrain.distributed.vit import parallelize_vit
-from bigtrain.config import Config, ConfigError
+from bigtrain.config import Config, ConfigError, dump_yaml
 from bigtrain.eval import ClassificationEvaluator
 from bigtrain.eval.causal_lm import CausalLMEvaluator
 from bigtrain.models.causal_lm import CausalLM, llama_config
@@ -182,7 +182,8 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
     )
     checkpointer = Checkpointer(
-        cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier
+        cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier,
+        group=ps.side_group(), config_text=dump_yaml(cfg),
     )
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)

@@ -20,25 +20,35 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigtrain.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, ScalarState
+from bigtrain import faults
+from bigtrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState, ScalarState
 from bigtrain.config.schema import Config
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
 from bigtrain.distributed.pipeline import Pipeline
 from bigtrain.metrics import MetricsLogger, Progress
 from bigtrain.optim import LRSchedule
+from bigtrain.resilience import NumericalGuard, PreemptionFlag, agree
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # the numerical guard gave up (no checkpoint to roll back to, or too many rollbacks)
 EXIT_REQUEUE = 75  # stopped early (time budget / preemption) after saving: resubmit to continue
+
+
+class TrainingDiverged(RuntimeError):
+    """The numerical guard could not recover (no checkpoint, or rollbacks exhausted)."""
 
 
 class Stream(Protocol):
     """What the trainer needs from a data stream (see data_pipeline.TrainStream)."""
 
+    consumed_samples: int
+
     def next_step(self) -> list[dict[str, Any]]: ...
+    def skip(self, n: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -87,9 +97,15 @@ class Trainer:
         self.samples_per_step = samples_per_step or cfg.train.global_batch_size
         self.state = TrainerState()
         self.metrics: MetricsLogger | None = None
-        self._t_start = time.monotonic()
+        self._t_start = self._last_save_t = time.monotonic()
         self._committed_step = -1
         self.last_eval: dict[str, float] = {}
+        t = cfg.train
+        self.guard = NumericalGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
+        self.rollback_reason = ""  # set by train_step when the guard asks for a rollback
+        self.rollbacks = 0
+        # global-sample windows [start, end) of steps that forced a rollback, skipped when reached again
+        self.skip_windows: list[tuple[int, int]] = []
 
     # --- state ------------------------------------------------------------------
     def stateful(self) -> dict[str, Any]:
@@ -106,20 +122,30 @@ class Trainer:
         path = self.checkpointer.resolve(self.cfg.resume)
         if path is None:
             return None
+        self.load(path)
+        log.info("resumed from %s (step %d)", path, self.state.step)
+        return self.state.step
+
+    def load(self, path: str) -> None:
+        """Restore every stateful key from ``path`` (re-sharded to this run's layout)."""
         meta = self.checkpointer.load(path, self.stateful())
         self.schedule.apply()  # group LRs follow the restored schedule step, whatever the load order
         self.dp.drop_foreign_state(self.optimizer)
-        log.info("resumed from %s (step %d)", path, self.state.step)
         self._committed_step = self.state.step
+        self._last_save_t = time.monotonic()
         if meta["step"] != self.state.step:
-            raise RuntimeError(f"checkpoint {path} marker says step {meta['step']} but holds step {self.state.step}")
-        return self.state.step
+            raise CheckpointError(f"checkpoint {path} marker says step {meta['step']} but holds step {self.state.step}")
 
-    def save(self) -> None:
+    def save(self, asynchronous: bool = False) -> None:
         if self._committed_step == self.state.step:
             return  # this exact state is already on disk (periodic save at the last step, or just resumed)
-        self.checkpointer.save(self.state.step, self.stateful(), {"samples_seen": self.state.samples_seen})
+        self.checkpointer.save(self.state.step, self.stateful(), {"samples_seen": self.state.samples_seen},
+                               asynchronous=asynchronous)
         self._committed_step = self.state.step
+        self._last_save_t = time.monotonic()
+        if self.metrics:
+            self.metrics.log({"step": self.state.step, "kind": "checkpoint", "async": asynchronous,
+                              "blocked_s": self.checkpointer.last_blocked_s})
 
     # --- one step -----------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -128,6 +154,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
+        self._skip_bad_windows()
         batches = self.stream.next_step()
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
@@ -138,6 +165,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 with self.dp.no_sync(last_micro_batch=i == n - 1), self.autocast():
                     out = self.task(batch)
+                    out["loss"] = self._inject_loss_faults(out["loss"])
                 (out["loss"] / n).backward()
                 for key, value in out.items():
                     logs[key] = logs.get(key, 0.0) + float(value.detach()) / n
@@ -147,17 +175,29 @@ class Trainer:
         # here, after any checkpoint load that may have restored stale group LRs.
         lr = self.schedule.apply()
         grad_norm = self.dp.clip_grad_norm(self.cfg.optim.grad_clip_norm)
-        if math.isfinite(grad_norm) and math.isfinite(logs.get("loss", 0.0)):  # same verdict on every rank
+        # loss and norm are reduced over all ranks, so every rank reaches the same verdict
+        verdict = self.guard.check(logs.get("loss", 0.0), grad_norm)
+        if verdict.action == "ok":
             self.dp.step(self.optimizer)
-        else:  # a non-finite update would destroy the weights; skip it and count
+        else:  # a non-finite or exploding update would damage the weights: skip it and count
             self.state.skipped_steps += 1
-            log.warning("step %d: non-finite loss/grad norm, update skipped", self.state.step)
+            log.warning("step %d: %s, update skipped", self.state.step, verdict.reason)
+            if verdict.action == "rollback":
+                self.rollback_reason = verdict.reason
+                self._bad_steps = verdict.bad_steps
         logs["lr"] = lr
         logs["grad_norm"] = grad_norm
         self.schedule.step()
         self.state.step += 1
         self.state.samples_seen += self.samples_per_step
         return logs
+
+    def _inject_loss_faults(self, loss: torch.Tensor) -> torch.Tensor:
+        if faults.fires("nan_loss", self.state.step, self.rank):
+            return loss * float("nan")
+        if faults.fires("loss_scale", self.state.step, self.rank):
+            return loss * 1000.0
+        return loss
 
     def _pipeline_forward_backward(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """The schedule splits this rank's batch into micro-batches and runs forward/backward;
@@ -206,47 +246,104 @@ class Trainer:
         budget = self.cfg.train.max_minutes
         return budget > 0 and (time.monotonic() - self._t_start) > budget * 60
 
+    def _save_due(self) -> bool:
+        minutes = self.cfg.checkpoint.every_minutes
+        return minutes > 0 and (time.monotonic() - self._last_save_t) > minutes * 60
+
+    def _control(self, preempt: PreemptionFlag) -> tuple[bool, bool, bool]:
+        """(stop, save now, commit the async save): one agreement over all ranks per step."""
+        signalled, budget, due, writing = agree([
+            preempt.received is not None, self._over_budget(), self._save_due(),
+            not self.checkpointer.pending_write_done(),
+        ])
+        if signalled or budget:
+            why = f"signal {preempt.received or 'on another rank'}" if signalled else f"train.max_minutes={self.cfg.train.max_minutes}"
+            log.warning("%s at step %d: saving and stopping (exit %d to requeue)", why, self.state.step, EXIT_REQUEUE)
+        commit = self.checkpointer.pending is not None and not writing
+        return signalled or budget, due, commit
+
+    def _skip_bad_windows(self) -> None:
+        for start, end in self.skip_windows:
+            if self.stream.consumed_samples == start:
+                log.warning("skipping samples [%d, %d) that made step %d roll back", start, end, self.state.step)
+                self.stream.skip(end - start)
+
+    def rollback(self) -> None:
+        """Reload the last complete checkpoint after the guard gave up on the current weights."""
+        reason, self.rollback_reason = self.rollback_reason, ""
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.train.max_rollbacks:
+            raise TrainingDiverged(f"{reason}; train.max_rollbacks={self.cfg.train.max_rollbacks} exhausted")
+        self.checkpointer.wait()
+        path = self.checkpointer.latest()
+        if path is None:
+            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to (set checkpoint.every_steps)")
+        end = self.stream.consumed_samples
+        window = (end - self._bad_steps * self.samples_per_step, end)
+        bad_step = self.state.step
+        self.load(path)
+        self.guard.reset()
+        if self.cfg.train.rollback_skip_data:
+            self.skip_windows.append(window)
+        log.warning("step %d: %s -> rolled back to %s (step %d)%s", bad_step, reason, path, self.state.step,
+                    f", samples {window} will be skipped" if self.cfg.train.rollback_skip_data else "")
+        if self.metrics:
+            self.metrics.log({"step": bad_step, "kind": "rollback", "reason": reason, "to_step": self.state.step,
+                              "skipped_window": list(window) if self.cfg.train.rollback_skip_data else None})
+
     def fit(self, metrics: MetricsLogger) -> int:
         """Train to ``train.steps``; returns an exit code (EXIT_OK or EXIT_REQUEUE)."""
         self.metrics = metrics
-        cfg = self.cfg
-        total, every = cfg.train.steps, cfg.log.every_steps
-        progress = Progress(total, self.state.step, cfg.log.progress, self.rank == 0)
-        window_t, window_n = 0.0, 0
-        status = EXIT_OK
+        preempt = PreemptionFlag(self.cfg.train.preempt_signals)
+        preempt.install()
+        progress = Progress(self.cfg.train.steps, self.state.step, self.cfg.log.progress, self.rank == 0)
         try:
-            while self.state.step < total:
-                t0 = time.perf_counter()
-                logs = self.train_step()
-                dt = time.perf_counter() - t0
-                self.state.train_seconds += dt
-                window_t, window_n = window_t + dt, window_n + 1
-                step = self.state.step
-                progress.update({"loss": logs["loss"], "samples/s": self.samples_per_step * window_n / window_t})
-                if step % every == 0 or step == total:
-                    metrics.log({
-                        "step": step, "kind": "train", **logs,
-                        "samples_per_s": self.samples_per_step * window_n / window_t,
-                        "step_time_s": window_t / window_n,
-                        "samples_seen": self.state.samples_seen,
-                        "data_skipped": self.stream.state_dict().get("skipped_samples", 0),
-                        "skipped_steps": self.state.skipped_steps,
-                    })
-                    window_t, window_n = 0.0, 0
-                if step == total:
-                    break
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                    self.evaluate()
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    self.save()
-                if self._over_budget():
-                    log.warning("train.max_minutes=%s reached at step %d: saving and stopping", cfg.train.max_minutes, step)
-                    status = EXIT_REQUEUE
-                    break
+            status = self._loop(progress, preempt)
         finally:
             progress.close()
+            preempt.restore()
         if status == EXIT_OK:
             self.evaluate()
-        if status == EXIT_REQUEUE or cfg.checkpoint.save_final:
-            self.save()
+        if status == EXIT_REQUEUE or self.cfg.checkpoint.save_final:
+            self.save()  # synchronous: the process may be gone soon after
+        self.checkpointer.wait()
         return status
+
+    def _loop(self, progress: Progress, preempt: PreemptionFlag) -> int:
+        cfg = self.cfg
+        total, every = cfg.train.steps, cfg.log.every_steps
+        window_t, window_n = 0.0, 0
+        while self.state.step < total:
+            t0 = time.perf_counter()
+            logs = self.train_step()
+            if self.rollback_reason:
+                self.rollback()
+                progress.reset(self.state.step)
+                continue
+            dt = time.perf_counter() - t0
+            self.state.train_seconds += dt
+            window_t, window_n = window_t + dt, window_n + 1
+            step = self.state.step
+            progress.update({"loss": logs["loss"], "samples/s": self.samples_per_step * window_n / window_t})
+            if step % every == 0 or step == total:
+                self.metrics.log({  # type: ignore[union-attr]
+                    "step": step, "kind": "train", **logs,
+                    "samples_per_s": self.samples_per_step * window_n / window_t,
+                    "step_time_s": window_t / window_n,
+                    "samples_seen": self.state.samples_seen,
+                    "data_skipped": self.stream.state_dict().get("skipped_samples", 0),
+                    "skipped_steps": self.state.skipped_steps,
+                })
+                window_t, window_n = 0.0, 0
+            stop, save_due, commit = self._control(preempt)
+            if commit:
+                self.checkpointer.commit_pending()
+            if stop:
+                return EXIT_REQUEUE
+            if step == total:
+                break
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                self.evaluate()
+            if save_due or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+                self.save(asynchronous=cfg.checkpoint.async_save)
+        return EXIT_OK

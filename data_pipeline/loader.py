@@ -259,6 +259,11 @@ class TrainStream:
             )
         return batches
 
+    def skip(self, n: int) -> None:
+        """Advance the global position by ``n`` samples without reading them (same on every rank)."""
+        self.consumed_samples += n
+        self._it = None  # the prefetching DataLoader read ahead from the old position
+
     @property
     def epoch(self) -> float:
         return self.consumed_samples / self.dataset.order.epoch_size

@@ -12,11 +12,11 @@ import pytest
 from conftest import ROOT, TEST_CONFIG
 
 
-def run_worker(mode: str, digits_dir: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{mode}.json"
+def run_worker(mode: str, digits_dir: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{mode}{len(extra)}.json"
     cmd = [sys.executable, "-m", "bigtrain.bench.worker", "--config", str(TEST_CONFIG), "--mode", mode, "--steps", "4",
            "--warmup", "1", "--out", str(out), f"data.dir={digits_dir}", f"run.dir={tmp_path / mode}", "model.dropout=0",
-           "train.micro_batch_size=0"]
+           "train.micro_batch_size=0", *extra]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, capture_output=True)
     return json.loads(out.read_text())
 
@@ -27,3 +27,10 @@ def test_bench_eager_and_bigtrain_rows_train_identically(digits_dir: str, tmp_pa
     for r in (eager, ours):
         assert r["step_s"] > 0 and r["samples_per_s"] > 0 and r["peak_rss_mib"][0] > 50
     assert ours["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+
+
+def test_compiled_blocks_train_like_eager(digits_dir: str, tmp_path: Path) -> None:
+    """parallel.compile=true (per-block torch.compile, inductor on CPU) changes speed, not the run."""
+    eager = run_worker("eager", digits_dir, tmp_path)
+    compiled = run_worker("bigtrain", digits_dir, tmp_path, "parallel.compile=true")
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)

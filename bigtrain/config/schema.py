@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,7 +31,25 @@ class TrainConfig:
     )
     dtype: Literal["float32", "bfloat16"] = doc("float32", "Compute dtype (autocast); master weights stay fp32.")
     num_threads: int = doc(0, "torch intra-op threads per process; 0 keeps torch's default.")
-    max_minutes: float = doc(0.0, "Stop (after saving a checkpoint) once this wall time is used; 0 = no limit.")
+    max_minutes: float = doc(
+        0.0, "Stop once this wall time is used: save a checkpoint and exit with code 75 (requeue); 0 = no limit."
+    )
+    preempt_signals: list[str] = doc(
+        ["SIGTERM", "SIGUSR1", "SIGUSR2"],
+        "Signals that mean 'preempted': finish the current step, save, exit with code 75 (requeue).",
+    )
+    max_bad_steps: int = doc(
+        5, "Non-finite loss/grad-norm steps are skipped; after this many in a row, roll back to the last "
+        "checkpoint. 0 = never roll back.",
+    )
+    spike_factor: float = doc(
+        0.0, "Roll back when the loss exceeds this factor x the mean of the last train.spike_window losses; 0 = off."
+    )
+    spike_window: int = doc(50, "Accepted steps in the running loss mean used by train.spike_factor.")
+    max_rollbacks: int = doc(3, "Give up (exit 1) after this many rollbacks in one process.")
+    rollback_skip_data: bool = doc(
+        True, "After a rollback, skip the samples of the offending step(s) when the stream reaches them again."
+    )
 
 
 @dataclass
@@ -123,6 +142,11 @@ class CheckpointConfig:
     keep_last: int = doc(3, "Keep this many most recent checkpoints (older complete ones are deleted); 0 = keep all.")
     keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0 = none.")
     save_final: bool = doc(True, "Save a checkpoint after the last step.")
+    every_minutes: float = doc(0.0, "Also save when this many minutes passed since the last save; 0 = off.")
+    async_save: bool = doc(
+        False, "Write checkpoints in a background thread: training resumes once the state is copied to memory; "
+        "the checkpoint is committed (marker + rename) after every rank finished writing."
+    )
 
 
 @dataclass
@@ -152,6 +176,10 @@ class ParallelConfig:
         "none", "Recompute block activations in backward: all blocks, or every parallel.ac_every-th block."
     )
     ac_every: int = doc(2, "With activation_checkpointing=selective, checkpoint every k-th block.")
+    compile: bool = doc(
+        False, "torch.compile each block (after TP/SP and checkpointing, before FSDP); identical blocks share one "
+        "compiled graph. The first steps are slower while it compiles (tens of seconds on CPU)."
+    )
     backend: Literal["auto", "gloo", "nccl"] = doc("auto", "Process-group backend; auto = nccl with CUDA, else gloo.")
     timeout_s: int = doc(600, "Collective timeout: a dead rank makes the others fail after this, not hang.")
 
@@ -227,6 +255,13 @@ class Config:
             if getattr(p, key) < 0:
                 raise ConfigError(f"config key 'parallel.{key}' must be >= 0")
         _positive("parallel.ac_every", p.ac_every)
+        _positive("train.spike_window", t.spike_window)
+        for name in t.preempt_signals:
+            if not name.startswith("SIG") or not hasattr(signal, name):
+                raise ConfigError(f"config key 'train.preempt_signals': {name!r} is not a signal name (e.g. SIGUSR1)")
+        for key in ("max_bad_steps", "max_rollbacks"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"config key 'train.{key}' must be >= 0")
         _positive("parallel.timeout_s", p.timeout_s)
         if self.resume == "":
             raise ConfigError("config key 'resume' must be 'auto', 'never' or a checkpoint path")

@@ -115,6 +115,7 @@ class ParallelState:
     tp: int = 1
     mesh: DeviceMesh | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _side_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, cfg: ParallelConfig, env: LaunchEnv | None = None) -> ParallelState:
@@ -182,6 +183,15 @@ class ParallelState:
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()
+
+    def side_group(self) -> dist.ProcessGroup | None:
+        """A second all-ranks gloo group, for work on a background thread (asynchronous
+        checkpoint writes) that must not interleave with the training collectives."""
+        if self.mesh is None:
+            return None
+        if self._side_group is None:
+            self._side_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s))
+        return self._side_group
 
     @property
     def is_logging_rank(self) -> bool:

@@ -84,10 +84,16 @@ def parallelize_transformer(
     model: nn.Module, blocks: nn.ModuleDict, ps: ParallelState, cfg: ParallelConfig, plan: BlockPlan,
     has_embedding: bool, final_norm: str, param_dtype: torch.dtype | None,
 ) -> nn.Module:
-    """TP/SP, then activation checkpointing, then FSDP (ZeRO-2/3), on a model or a pipeline stage."""
+    """TP/SP, then activation checkpointing, then compile, then FSDP (ZeRO-2/3), on a model or a pipeline stage."""
     if ps.tp > 1:
         apply_tp(model, blocks, ps, plan, cfg.sequence_parallel, has_embedding, final_norm)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        # Module.compile() compiles in place (no wrapper module), so parameter names and DCP
+        # keys stay the same; compiling per block (not the whole model) keeps FSDP's per-block
+        # hooks outside the graphs and lets identical blocks reuse one compiled graph.
+        for block in blocks.values():
+            block.compile()
     if cfg.zero >= 2 and ps.dp > 1:
         apply_fsdp(list(blocks.values()), model, ps, cfg.zero, param_dtype)
     return model

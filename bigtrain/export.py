@@ -1,0 +1,81 @@
+"""Consolidate a sharded DCP checkpoint into one model file, in one process.
+
+``bigtrain export CKPT --format safetensors|hf --out PATH``
+
+The checkpoint's metadata lists every model tensor with its global shape, so the
+full tensors are allocated from it and DCP fills them from whatever shards the
+saving run wrote (any world size, ZeRO stage, TP or PP layout). Nothing is
+unpickled: tensors come from DCP, and the config from the checkpoint's YAML.
+
+* ``safetensors``: one ``.safetensors`` file with bigtrain's parameter names.
+* ``hf`` (causal LMs): a Hugging Face ``save_pretrained`` directory
+  (``config.json`` + ``model.safetensors``) that ``LlamaForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from bigtrain.checkpoint import CONFIG_FILE, CheckpointError, SafeLoadPlanner, _single_process_ok, is_complete
+
+MODEL_PREFIX = "model."
+
+
+def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
+    """Every model tensor of a complete checkpoint, unsharded, keyed by parameter name."""
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (missing completion marker)")
+    reader = dcp.FileSystemReader(ckpt)
+    state: dict[str, torch.Tensor] = {}
+    for key, meta in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
+            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not state:
+        raise CheckpointError(f"{ckpt} holds no model tensors")
+    with _single_process_ok():
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
+
+
+def export_safetensors(ckpt: str, out: str) -> str:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in load_model_state(ckpt).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_file(state, out, metadata={"format": "pt", "source": os.path.abspath(ckpt)})
+    return out
+
+
+def export_hf(ckpt: str, out: str) -> str:
+    from bigtrain.config import load_config
+    from bigtrain.recipes import build_model
+
+    config_path = os.path.join(ckpt, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{ckpt} has no {CONFIG_FILE}: cannot rebuild the model for --format hf")
+    cfg = load_config(config_path)
+    if cfg.model.name != "llama":
+        raise CheckpointError(f"--format hf exports causal LMs; this checkpoint is model.name={cfg.model.name!r} "
+                              "(use --format safetensors)")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(load_model_state(ckpt), strict=True, assign=True)
+    model.to_hf().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bigtrain export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a complete checkpoint directory (run_dir/checkpoints/step_XXXXXXXX)")
+    ap.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
+    ap.add_argument("--out", required=True, help="output .safetensors file (safetensors) or directory (hf)")
+    args = ap.parse_args(argv)
+    path = export_safetensors(args.checkpoint, args.out) if args.format == "safetensors" else export_hf(args.checkpoint, args.out)
+    print(path)
+    return 0

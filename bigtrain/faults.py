@@ -1,0 +1,45 @@
+"""Fault injection for testing the recovery paths (crash during a save, NaN or spiking loss).
+
+Off unless the environment variable ``BIGTRAIN_FAULTS`` is set, e.g.::
+
+    BIGTRAIN_FAULTS="nan_loss@5,nan_loss@6"      the loss of steps 5 and 6 becomes NaN
+    BIGTRAIN_FAULTS="loss_scale@7"               the loss of step 7 is multiplied by 1000
+    BIGTRAIN_FAULTS="kill_in_save@20:1"          rank 1 SIGKILLs itself after writing its shard
+                                                  of the step-20 checkpoint, before the commit
+
+Steps are the 0-based index of the step being computed (``trainer.state.step``), or
+for saves the step number of the checkpoint. Each fault fires once per process, so a
+rolled-back step runs clean the second time. Real failures are what is injected: a real
+SIGKILL, a real non-finite loss flowing through backward.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_fired: set[str] = set()
+
+
+def _spec() -> list[tuple[str, int, int | None]]:
+    out = []
+    for item in filter(None, (s.strip() for s in os.environ.get("BIGTRAIN_FAULTS", "").split(","))):
+        name, _, rest = item.partition("@")
+        step, _, rank = rest.partition(":")
+        out.append((name, int(step), int(rank) if rank else None))
+    return out
+
+
+def fires(name: str, step: int, rank: int = 0) -> bool:
+    """True once if fault ``name`` is configured for ``step`` (and this rank)."""
+    for fname, fstep, frank in _spec():
+        key = f"{fname}@{fstep}:{frank}"
+        if fname == name and fstep == step and frank in (None, rank) and key not in _fired:
+            _fired.add(key)
+            return True
+    return False
+
+
+def maybe_kill(name: str, step: int, rank: int) -> None:
+    if fires(name, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,199 @@
+"""Multi-process checkpoints: exact resume after preemption or kill -9 (same layout),
+elastic resume under other layouts, and export of a sharded checkpoint.
+
+Exact: final parameters bit-identical to the uninterrupted run (fp32, dropout on).
+Elastic: losses after the resume within LOSS_RTOL of the uninterrupted run, final
+parameters within PARAM_RTOL (as ||P - P_ref|| / ||P_ref - P_ckpt||), dropout off
+(a different layout draws dropout masks from different per-rank streams).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TEST_CONFIG
+
+LOSS_RTOL = 1e-5
+PARAM_RTOL = 2e-5
+COMMON = ["eval.every_steps=0", "eval.fewshot=false", "checkpoint.keep_last=0", "parallel.timeout_s=60", "log.every_steps=1"]
+
+
+def torchrun(nproc: int, *args: str, faults: str = "", wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BIGTRAIN_FAULTS": faults}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "bigtrain",
+           "train", str(TEST_CONFIG), *COMMON, *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def train_records(run: Path) -> dict[int, dict]:
+    """Last record per step (a resumed run rewrites the steps after its checkpoint)."""
+    out: dict[int, dict] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r
+    return out
+
+
+def model_params(ckpt: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / (ckpt.name + ".pt")
+    dcp_to_torch_save(str(ckpt), str(out))
+    return torch.load(out, weights_only=True)["model"]
+
+
+def rel_param_diff(a: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[k] - ref[k]).double().pow(2).sum()) for k in ref)
+    den = sum(float((ref[k] - start[k]).double().pow(2).sum()) for k in ref)
+    return (num / den) ** 0.5
+
+
+# --- exact resume: preemption and kill -9, dp2 zero1, dropout on, async saves -------------------
+EXACT = ["train.steps=24", "checkpoint.every_steps=8", "checkpoint.async_save=true", "parallel.zero=1",
+         "schedule.cooldown_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    proc = torchrun(2, f"data.dir={digits_dir}", f"run.dir={run}", *EXACT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return model_params(run / "checkpoints" / "step_00000024")
+
+
+def _assert_bit_identical(run: Path, reference: Path) -> None:
+    ref, got = train_records(reference), train_records(run)
+    assert sorted(got) == sorted(ref) == list(range(1, 25))
+    assert [got[s]["loss"] for s in ref] == [ref[s]["loss"] for s in ref]
+    a, b = _final(run), _final(reference)
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_signal_to_one_rank_saves_stops_and_resumes_exactly(uninterrupted: Path, digits_dir: str, tmp_path: Path) -> None:
+    """SIGUSR1 reaches rank 1 only: both ranks agree to stop after the step, save, report
+    status 75; the resumed run ends bit-identical to the uninterrupted one."""
+    run = tmp_path / "run"
+    proc = torchrun(2, f"data.dir={digits_dir}", f"run.dir={run}", *EXACT, wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len(train_records(run)) >= 3):
+            assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[-1]), signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == 75, err[-3000:]  # torchrun itself collapses worker exit codes to 1
+    stopped = results["step"]
+    assert 3 <= stopped < 24
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / "bigtrain_complete.json").is_file()
+    assert "signal SIGUSR1" in err or "on another rank" in err
+    proc2 = torchrun(2, f"data.dir={digits_dir}", f"run.dir={run}", *EXACT)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert f"step_{stopped:08d}" in proc2.stderr
+    _assert_bit_identical(run, uninterrupted)
+
+
+def test_kill9_during_save_keeps_previous_checkpoint(uninterrupted: Path, digits_dir: str, tmp_path: Path) -> None:
+    """Rank 1 is SIGKILLed after writing its shard of the step-16 checkpoint, before the
+    commit: step 16 stays a temporary directory, resume picks step 8 and ends bit-identical."""
+    run = tmp_path / "run"
+    # synchronous saves here: the fault fires between a rank's write and the commit barrier
+    proc = torchrun(2, f"data.dir={digits_dir}", f"run.dir={run}", *EXACT, "checkpoint.async_save=false",
+                    faults="kill_in_save@16:1")
+    assert proc.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / ".tmp_step_00000016").is_dir() and not (ckpts / "step_00000016").exists()
+    assert (ckpts / "step_00000008" / "bigtrain_complete.json").is_file()
+    proc2 = torchrun(2, f"data.dir={digits_dir}", f"run.dir={run}", *EXACT)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert "step_00000008" in proc2.stderr
+    _assert_bit_identical(run, uninterrupted)
+    assert not (ckpts / ".tmp_step_00000016").exists(), "the stale temporary is cleaned up"
+
+
+# --- elastic resume ---------------------------------------------------------------------------
+ELASTIC = ["train.steps=8", "checkpoint.every_steps=4", "model.dropout=0", "train.micro_batch_size=0",
+           "schedule.cooldown_steps=2"]
+SAVED_LAYOUTS = {
+    "dp4-zero3": (4, ["parallel.dp=4", "parallel.zero=3"]),
+    "pp2xdp2": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.microbatches=2"]),
+}
+# (saved layout, processes, overrides of the resumed run)
+RESUMES = [
+    ("dp4-zero3", 4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"]),
+    ("dp4-zero3", 1, []),
+    ("pp2xdp2", 4, ["parallel.dp=4", "parallel.zero=2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def saved(digits_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    runs = {}
+    for name, (nproc, layout) in SAVED_LAYOUTS.items():
+        run = tmp_path_factory.mktemp(name)
+        proc = torchrun(nproc, f"data.dir={digits_dir}", f"run.dir={run}", *ELASTIC, *layout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = run
+    return runs
+
+
+@pytest.mark.parametrize("source,nproc,layout", RESUMES, ids=lambda v: v if isinstance(v, str) else None)
+def test_elastic_resume_matches_uninterrupted(saved: dict[str, Path], source: str, nproc: int, layout: list[str],
+                                               digits_dir: str, tmp_path: Path) -> None:
+    ref_run = saved[source]
+    ckpt = ref_run / "checkpoints" / "step_00000004"
+    run = tmp_path / "run"
+    args = [f"data.dir={digits_dir}", f"run.dir={run}", *ELASTIC, *layout, f"resume={ckpt}"]
+    if nproc == 1:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(TEST_CONFIG), *COMMON, *args], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    else:
+        proc = torchrun(nproc, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = train_records(ref_run), train_records(run)
+    assert sorted(got) == [5, 6, 7, 8], "continues at step 5"
+    for s in got:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=LOSS_RTOL), s
+        assert got[s]["samples_seen"] == ref[s]["samples_seen"]
+    final_ref = model_params(ref_run / "checkpoints" / "step_00000008")
+    final = model_params(run / "checkpoints" / "step_00000008")
+    assert rel_param_diff(final, final_ref, model_params(ckpt)) <= PARAM_RTOL
+
+
+def test_export_safetensors_from_a_four_rank_zero3_checkpoint(saved: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    ckpt = saved["dp4-zero3"] / "checkpoints" / "step_00000008"
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "export", str(ckpt), "--format", "safetensors", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    exported = load_file(str(out))
+    reference = model_params(ckpt)
+    assert exported.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(exported[k], reference[k]), k
