@@ -34,3 +34,13 @@ def test_compiled_blocks_train_like_eager(digits_dir: str, tmp_path: Path) -> No
     eager = run_worker("eager", digits_dir, tmp_path)
     compiled = run_worker("bigtrain", digits_dir, tmp_path, "parallel.compile=true")
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+
+
+def test_checkpoint_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bigtrain.bench.checkpoint import main
+
+    assert main(["--variant", "Ti", "--repeats", "1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("disk sequential write", "sync save", "training blocked", "until committed", "load (cold)"):
+        assert row in out
+    assert list(tmp_path.iterdir()) == [], "the benchmark cleans up"

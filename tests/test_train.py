@@ -210,3 +210,52 @@ def test_report_png_and_progress_bar(tiny_cfg, capsys: pytest.CaptureFixture) ->
     assert len(img.convert("L").getcolors(maxcolors=1 << 16)) > 5, "something was drawn"
     bar = Progress(10, 0, "auto", enabled=True)  # stderr is not a TTY under pytest: no bar
     assert bar.bar is None
+
+
+def test_time_based_saves_and_retention(tiny_cfg) -> None:
+    """checkpoint.every_minutes saves on wall time; keep_last k plus every j-th survive pruning."""
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import build_trainer
+
+    quiet = ["eval.every_steps=0", "eval.fewshot=false", "schedule.cooldown_steps=1"]
+    cfg = tiny_cfg("train.steps=7", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.00001",
+                   "checkpoint.keep_last=2", "checkpoint.keep_every=3", *quiet)
+    assert build_trainer(cfg).fit(MetricsLogger(cfg.run.dir, True)) == 0
+    saved = [r["step"] for r in records(Path(cfg.run.dir), "checkpoint")]
+    assert saved == [1, 2, 3, 4, 5, 6, 7], "a save after every step (the interval is ~1 ms)"
+    kept = sorted(p.name for p in (Path(cfg.run.dir) / "checkpoints").iterdir())
+    assert kept == ["step_00000003", "step_00000006", "step_00000007"]
+
+
+def test_time_budget_and_sigterm_exit_75_after_saving(digits_dir: str, tmp_path: Path) -> None:
+    """Both stop after the current step, save, and exit 75 (requeue); a rerun continues."""
+    import signal
+    import time
+
+    common = [f"data.dir={digits_dir}", "eval.every_steps=0", "eval.fewshot=false", "checkpoint.every_steps=0"]
+    run = tmp_path / "budget"
+    proc = run_cli("train", str(TEST_CONFIG), *common, f"run.dir={run}", "train.max_minutes=0.00001")
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "train.max_minutes" in proc.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
+    proc = run_cli("train", str(TEST_CONFIG), *common, f"run.dir={run}")
+    assert proc.returncode == 0 and "step_00000001" in proc.stderr
+
+    run = tmp_path / "sigterm"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(TEST_CONFIG), *common, f"run.dir={run}",
+                          "train.steps=100000", "schedule.cooldown_steps=0"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len(records(run, "train")) >= 2):
+            assert time.monotonic() < deadline and p.poll() is None, "training did not start"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 75, err[-2000:]
+    step = json.loads((run / "results.json").read_text())["step"]
+    assert (run / "checkpoints" / f"step_{step:08d}" / "bigtrain_complete.json").is_file()

@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"step_s": step_s, "samples_per_s": cfg.train.global_batch_size / step_s,
                        "peak_rss_mib": rss, "losses": losses}, f)
     if dist.is_initialized():
+        dist.barrier()
+        if args.mode.startswith("deepspeed"):
+            # DeepSpeed's CPU shared-memory communicator can abort the process during interpreter
+            # teardown ("terminate called without an active exception"); the row is complete here.
+            sys.stdout.flush()
+            os._exit(0)
         dist.destroy_process_group()
     return 0
 

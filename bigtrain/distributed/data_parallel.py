@@ -153,7 +153,7 @@ class DataParallel:
         grads = [p.grad for p in self.params if p.grad is not None]
         # Sum of squares per set of mesh groups it must be reduced over: shards of a
         # DTensor are disjoint along Shard dims and identical along Replicate dims.
-        partial: dict[tuple[dist.ProcessGroup, ...], torch.Tensor] = {}
+        by_groups: dict[tuple[dist.ProcessGroup, ...], list[torch.Tensor]] = {}
         for g in grads:
             groups: tuple[dist.ProcessGroup, ...] = ()
             if isinstance(g, DTensor):
@@ -161,10 +161,11 @@ class DataParallel:
                 # any non-Replicate placement is a split (FSDP over TP uses _StridedShard,
                 # which is not a Shard); Partial grads were reduced in sync_grads
                 groups = tuple(mesh.get_group(i) for i, pl in enumerate(g.placements) if not pl.is_replicate())
-            sq = _local(g).detach().double().pow(2).sum()
-            partial[groups] = partial.get(groups, torch.zeros((), dtype=torch.float64)) + sq
+            by_groups.setdefault(groups, []).append(_local(g).detach())
         total_sq = torch.zeros((), dtype=torch.float64)
-        for groups, sq in partial.items():
+        for groups, local in by_groups.items():
+            # per-tensor norms in one multi-tensor kernel (as torch's clip_grad_norm_), summed in fp64
+            sq = torch.stack(torch._foreach_norm(local)).double().pow(2).sum()
             for group in groups:
                 dist.all_reduce(sq, group=group)
             total_sq += sq
