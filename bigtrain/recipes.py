@@ -180,6 +180,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         train_dataset(cfg, train_split), cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
+        error_budget_min_samples=cfg.data.error_budget_min_samples,
     )
     checkpointer = Checkpointer(
         cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier,

@@ -58,6 +58,7 @@ class TrainerState:
     step: int = 0
     samples_seen: int = 0
     skipped_steps: int = 0  # steps whose loss or gradient norm was not finite
+    data_skipped: int = 0  # bad samples replaced by weight-0 substitutes, summed over dp ranks
     best_eval: float = field(default=-math.inf)
     train_seconds: float = 0.0
 
@@ -103,6 +104,7 @@ class Trainer:
         t = cfg.train
         self.guard = NumericalGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
         self.rollback_reason = ""  # set by train_step when the guard asks for a rollback
+        self._bad_steps = 0  # how many steps (ending with the current one) the rollback blames
         self.rollbacks = 0
         # global-sample windows [start, end) of steps that forced a rollback, skipped when reached again
         self.skip_windows: list[tuple[int, int]] = []
@@ -170,7 +172,10 @@ class Trainer:
                 for key, value in out.items():
                     logs[key] = logs.get(key, 0.0) + float(value.detach()) / n
         self.dp.sync_grads()
+        # bad samples met this step, counted once per dp rank (pp rank 0 only: all pp ranks read the batch)
+        logs["data_skipped"] = float(sum(b.get("num_errors", 0) for b in batches)) if self.ps.pp_rank == 0 else 0.0
         logs = self._reduce_logs(logs)
+        self.state.data_skipped += round(logs.pop("data_skipped") * self.ps.dp)  # mean over dp -> global sum
         # The schedule is the single source of truth for this step's LR: set it
         # here, after any checkpoint load that may have restored stale group LRs.
         lr = self.schedule.apply()
@@ -292,7 +297,9 @@ class Trainer:
                               "skipped_window": list(window) if self.cfg.train.rollback_skip_data else None})
 
     def fit(self, metrics: MetricsLogger) -> int:
-        """Train to ``train.steps``; returns an exit code (EXIT_OK or EXIT_REQUEUE)."""
+        """Train to ``train.steps``; returns EXIT_OK, or EXIT_REQUEUE after a preemption signal or
+        the time budget (a checkpoint of the stopping step is committed before returning).
+        Raises TrainingDiverged when the numerical guard cannot recover."""
         self.metrics = metrics
         preempt = PreemptionFlag(self.cfg.train.preempt_signals)
         preempt.install()
@@ -331,7 +338,7 @@ class Trainer:
                     "samples_per_s": self.samples_per_step * window_n / window_t,
                     "step_time_s": window_t / window_n,
                     "samples_seen": self.state.samples_seen,
-                    "data_skipped": self.stream.state_dict().get("skipped_samples", 0),
+                    "data_skipped": self.state.data_skipped,
                     "skipped_steps": self.state.skipped_steps,
                 })
                 window_t, window_n = 0.0, 0

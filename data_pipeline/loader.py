@@ -213,6 +213,7 @@ class TrainStream:
         dp_size: int = 1,
         num_workers: int = 0,
         max_error_fraction: float = 1.0,
+        error_budget_min_samples: int = 0,
     ) -> None:
         if global_batch_size % dp_size:
             raise DataError(f"global batch size {global_batch_size} is not divisible by data-parallel size {dp_size}")
@@ -223,6 +224,9 @@ class TrainStream:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.max_error_fraction = max_error_fraction
+        # the fraction is judged only after this many samples: 1 bad sample in the first
+        # batch of 16 is not evidence that 6% of the data set is bad
+        self.error_budget_min_samples = error_budget_min_samples
         self.consumed_samples = 0  # global, over all ranks: the whole resumable state
         self.samples_read = self.errors = 0  # this rank's counters, for the error budget
         self._it: Iterator[dict[str, Any]] | None = None
@@ -252,7 +256,8 @@ class TrainStream:
             self.errors += b["num_errors"]
             for msg in b["errors"]:
                 log.warning("skipped bad sample %s", msg)
-        if self.errors and self.errors > self.max_error_fraction * self.samples_read:
+        judged = self.samples_read >= self.error_budget_min_samples
+        if judged and self.errors and self.errors > self.max_error_fraction * self.samples_read:
             raise DataError(
                 f"{self.errors} of {self.samples_read} samples were bad, more than "
                 f"data.max_error_fraction={self.max_error_fraction}; last: {batches[-1]['errors'] or 'see log'}"
@@ -269,13 +274,15 @@ class TrainStream:
         return self.consumed_samples / self.dataset.order.epoch_size
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed_samples": self.consumed_samples, "seed": self.dataset.seed, "skipped_samples": self.errors}
+        # The bad-sample counters are per rank and per process (an error budget over what this
+        # process read), so they are not part of the resumable state; the trainer keeps the
+        # global count.
+        return {"consumed_samples": self.consumed_samples, "seed": self.dataset.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["seed"]) != self.dataset.seed:
             log.warning("data seed changed on resume (%s -> %s): the sample order changes", state["seed"], self.dataset.seed)
         self.consumed_samples = int(state["consumed_samples"])
-        self.errors = int(state.get("skipped_samples", 0))
         self._it = None  # restart the DataLoader at the restored position
 
 

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = times[args.warmup :] or times
         step_s = statistics.median(timed)
         with open(args.out, "w") as f:
-            json.dump({"step_s": step_s, "samples_per_s": cfg.train.global_batch_size / step_s,
+            json.dump({"step_s": step_s, "samples_per_s": cfg.train.global_batch_size / step_s, "times": timed,
                        "peak_rss_mib": rss, "losses": losses}, f)
     if dist.is_initialized():
         dist.barrier()

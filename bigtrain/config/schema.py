@@ -75,6 +75,9 @@ class DataConfig:
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     on_error: Literal["skip", "raise"] = doc("skip", "Corrupt/undecodable samples: count and skip, or stop with an error.")
     max_error_fraction: float = doc(0.05, "With on_error=skip, stop if more than this fraction of samples read were bad.")
+    error_budget_min_samples: int = doc(
+        1000, "Judge data.max_error_fraction only once a rank has read this many samples (early batches are small evidence)."
+    )
     samples_per_shard: int = doc(256, "Shard size used when writing the embedded data set.")
 
 
