@@ -266,6 +266,17 @@ class Checkpointer:
         """This rank's part of the in-flight asynchronous save is on disk (or there is none)."""
         return self.pending is None or self.pending.future.done()
 
+    def pending_write_failed(self) -> bool:
+        """This rank's background write raised (the save must then be committed nowhere)."""
+        p = self.pending
+        return p is not None and p.future.done() and p.future.exception() is not None
+
+    def abandon_pending(self) -> None:
+        """Give up on a failed asynchronous save: its temporary directory is never committed."""
+        p, self.pending = self.pending, None
+        if p is not None:
+            log.error("asynchronous save of step %d failed on some rank; it stays uncommitted in %s", p.step, p.tmp)
+
     def commit_pending(self) -> None:
         """Commit the asynchronous save; call only when every rank reported its write done."""
         p = self.pending

@@ -257,10 +257,17 @@ class Trainer:
 
     def _control(self, preempt: PreemptionFlag) -> tuple[bool, bool, bool]:
         """(stop, save now, commit the async save): one agreement over all ranks per step."""
-        signalled, budget, due, writing = agree([
+        signalled, budget, due, writing, failed = agree([
             preempt.received is not None, self._over_budget(), self._save_due(),
-            not self.checkpointer.pending_write_done(),
+            not self.checkpointer.pending_write_done(), self.checkpointer.pending_write_failed(),
         ])
+        if failed:
+            # A rank's shard is missing: committing would publish an incomplete checkpoint.
+            # Training goes on (a full disk may clear); the next scheduled save tries again.
+            self.checkpointer.abandon_pending()
+            self._committed_step = -1
+            if self.metrics:
+                self.metrics.log({"step": self.state.step, "kind": "checkpoint_failed"})
         if signalled or budget:
             why = f"signal {preempt.received or 'on another rank'}" if signalled else f"train.max_minutes={self.cfg.train.max_minutes}"
             log.warning("%s at step %d: saving and stopping (exit %d to requeue)", why, self.state.step, EXIT_REQUEUE)
