@@ -213,11 +213,12 @@ class Checkpointer:
         barrier: Callable[[], None] = lambda: None,
         group: dist.ProcessGroup | None = None,
         config_text: str = "",
+        write_threads: int = 2,
     ) -> None:
         self.root = os.path.join(run_dir, "checkpoints")
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank, self.world_size, self.barrier = rank, world_size, barrier
-        self.group, self.config_text = group, config_text
+        self.group, self.config_text, self.write_threads = group, config_text, write_threads
         self.pending: _PendingSave | None = None
         self.last_blocked_s = 0.0  # how long the last save() call blocked the caller
 
@@ -251,16 +252,22 @@ class Checkpointer:
         meta = {"step": step, "world_size": self.world_size, "time": time.time(), "keys": sorted(state), **(extra or {})}
         with _single_process_ok():
             if asynchronous:
-                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+                future = dcp.async_save(state, storage_writer=self._writer(tmp), process_group=self.group,
+                                        no_dist=not _distributed())
                 self.pending = _PendingSave(step, tmp, final, meta, future, t0)  # type: ignore[arg-type]
                 self.last_blocked_s = time.perf_counter() - t0
                 return final
-            dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+            dcp.save(state, storage_writer=self._writer(tmp), process_group=self.group, no_dist=not _distributed())
         faults.maybe_kill("kill_in_save", step, self.rank)
         self.barrier()  # every rank's shard is on disk before the commit
         self._commit(tmp, final, meta, t0)
         self.last_blocked_s = time.perf_counter() - t0
         return final
+
+    def _writer(self, path: str) -> dcp.FileSystemWriter:
+        # Several files per rank written by parallel threads: on this machine 2-4 threads
+        # saved 1.5x faster than one (and the load, reading the split files, 1.5x faster too).
+        return dcp.FileSystemWriter(path, thread_count=self.write_threads)
 
     def pending_write_done(self) -> bool:
         """This rank's part of the in-flight asynchronous save is on disk (or there is none)."""

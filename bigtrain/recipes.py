@@ -184,7 +184,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     )
     checkpointer = Checkpointer(
         cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier,
-        group=ps.side_group(), config_text=dump_yaml(cfg),
+        group=ps.side_group(), config_text=dump_yaml(cfg), write_threads=cfg.checkpoint.write_threads,
     )
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)

@@ -1,6 +1,6 @@
 """Benchmark: checkpoint save/load throughput against this machine's disk bandwidth.
 
-``python -m bigtrain.bench.checkpoint [--variant B] [--dir PATH] [--repeats 2]``
+``python -m bigtrain.bench.checkpoint [--variant B] [--dir PATH] [--repeats 2] [--write-threads 2]``
 
 Builds a ViT (default ViT-B/16: 86M parameters, with AdamW state ~1 GB of fp32
 state in total), then measures in one run:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="B", help="ViT size (Ti, S, B, L, ...); B with AdamW state is ~1 GB")
     ap.add_argument("--dir", help="where to write (default: a temporary directory on the default disk)")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many of each measurement")
+    ap.add_argument("--write-threads", type=int, default=2, help="checkpoint.write_threads (files per rank)")
     args = ap.parse_args(argv)
     model, optimizer, nbytes = build_state(args.variant)
     state = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         disk_w = disk_r = 0.0
         sync_s = blocked_s = async_total_s = load_s = float("inf")
-        ckpt = Checkpointer(work, keep_last=1)
+        ckpt = Checkpointer(work, keep_last=1, write_threads=args.write_threads)
         for i in range(args.repeats):
             w, r = disk_bandwidth(work, nbytes)
             disk_w, disk_r = max(disk_w, w), max(disk_r, r)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.load(path, state)
             load_s = min(load_s, time.perf_counter() - t0)
         print(f"# ViT-{args.variant}/16: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
-              f"model + AdamW state {gb:.2f} GB; directory {work}; best of {args.repeats}")
+              f"model + AdamW state {gb:.2f} GB; {args.write_threads} write threads; directory {work}; best of {args.repeats}")
         print("| measurement | seconds | GB/s | vs disk |")
         print("|---|---|---|---|")
         print(f"| disk sequential write (fsync) | {nbytes / disk_w:.2f} | {disk_w / 1e9:.2f} | 1.00 |")

@@ -146,6 +146,7 @@ class CheckpointConfig:
     keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0 = none.")
     save_final: bool = doc(True, "Save a checkpoint after the last step.")
     every_minutes: float = doc(0.0, "Also save when this many minutes passed since the last save; 0 = off.")
+    write_threads: int = doc(2, "Threads (and files) each rank writes a checkpoint with.")
     async_save: bool = doc(
         False, "Write checkpoints in a background thread: training resumes once the state is copied to memory; "
         "the checkpoint is committed (marker + rename) after every rank finished writing."
@@ -259,6 +260,7 @@ class Config:
                 raise ConfigError(f"config key 'parallel.{key}' must be >= 0")
         _positive("parallel.ac_every", p.ac_every)
         _positive("train.spike_window", t.spike_window)
+        _positive("checkpoint.write_threads", self.checkpoint.write_threads)
         for name in t.preempt_signals:
             if not name.startswith("SIG") or not hasattr(signal, name):
                 raise ConfigError(f"config key 'train.preempt_signals': {name!r} is not a signal name (e.g. SIGUSR1)")
