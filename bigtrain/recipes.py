@@ -188,12 +188,19 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     )
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)
-    flops = full.train_flops_per_sample() if isinstance(full, ViT) else full.train_flops_per_token(cfg.model.seq_len) * cfg.model.seq_len
+    flops = train_flops_per_sample(full, cfg)
     log.info(
         "model: %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
         cfg.model.name, full.num_params() / 1e6, flops / 1e9, train_split.num_samples, eval_split.num_samples,
     )
     return trainer
+
+
+def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
+    """Model FLOPs of one training sample (forward + backward) of the unsharded model."""
+    if isinstance(model, ViT):
+        return float(model.train_flops_per_sample())
+    return float(model.train_flops_per_token(cfg.model.seq_len) * cfg.model.seq_len)
 
 
 def schedule_spec(cfg: Config) -> ScheduleSpec:

@@ -18,10 +18,10 @@ a small C++ op (about a minute, cached in ``TORCH_EXTENSIONS_DIR``).
 from __future__ import annotations
 
 import argparse
-import statistics
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="vit")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="run the row list this many times (interleaved); "
-                    "each row keeps its fastest median, which damps noise from other load on the machine")
+                    "each row is judged on its fastest step over all repeats, which damps noise from other load")
     ap.add_argument("--data-dir", help="shards (written if missing); default: a temporary directory")
     ap.add_argument("--rows", default="", help="comma-separated substrings: run only rows whose name contains one")
     args = ap.parse_args(argv)
@@ -137,16 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 def describe_model(model_name: str, config: Path, common: list[str], cores: int) -> tuple[float, int]:
     """Print the model line; return training FLOPs per sample (forward + backward) and the global batch."""
     from bigtrain.config import load_config
-    from bigtrain.recipes import build_model
+    from bigtrain.recipes import build_model, train_flops_per_sample
 
     cfg = load_config(config, common)
     with torch.device("meta"):
         model = build_model(cfg)
-    flops = (model.train_flops_per_sample() if model_name == "vit"
-             else model.train_flops_per_token(cfg.model.seq_len) * cfg.model.seq_len)
+    flops = train_flops_per_sample(model, cfg)
     print(f"# {model_name}: {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.3f} GFLOP per sample (train), "
           f"global batch {cfg.train.global_batch_size}, fp32, {cores} cores")
-    return float(flops), cfg.train.global_batch_size
+    return flops, cfg.train.global_batch_size
 
 
 def print_rows(results: dict[str, dict], flops: float) -> None:
