@@ -1,8 +1,10 @@
 """``bigtrain`` command line: train, eval, data, config.
 
-Exit codes: 0 success; 2 bad input (config, data, checkpoint path) with a
-one-line reason; 75 stopped early after saving (time budget / preemption):
-resubmit with resume=auto to continue.
+Exit codes (also in USAGE): 0 success; 1 crash (a bug: traceback); 2 bad input (config, data,
+a checkpoint that is damaged, untrusted or does not fit) with a one-line reason; 3 training
+diverged; 4 a checkpoint could not be saved; 5 the final evaluation failed after the final
+checkpoint was committed; 75 stopped early after saving (time budget / preemption): resubmit
+to continue.
 """
 
 from __future__ import annotations
@@ -12,13 +14,22 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
-from bigtrain.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged
+from bigtrain.trainer import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_EVAL_FAILED,
+    EXIT_SAVE_FAILED,
+    FinalEvalFailed,
+    TrainingDiverged,
+)
 
 if TYPE_CHECKING:
     from bigtrain.distributed import ParallelState
+    from bigtrain.trainer import Trainer
 
 USAGE = """bigtrain <command> ...
 
@@ -32,9 +43,11 @@ commands:
   export CKPT --format safetensors|hf --out PATH
                                   consolidate a sharded checkpoint into one model file (any world size)
 
-exit codes: 0 done, 1 crash, 2 bad input (config, data, checkpoint), 3 training diverged
-(numerical guard gave up), 75 stopped early after saving (preemption signal or
-train.max_minutes): resubmit the same command to continue.
+exit codes: 0 done, 1 crash, 2 bad input (config, data, or a checkpoint that is damaged,
+untrusted or does not fit this run), 3 training diverged (numerical guard gave up),
+4 a checkpoint could not be saved (disk full, permissions; the previous one is intact),
+5 final evaluation failed (the trained state was saved first), 75 stopped early after
+saving (preemption signal or train.max_minutes): resubmit the same command to continue.
 """
 
 
@@ -46,19 +59,30 @@ def _split_args(argv: list[str], cmd: str) -> tuple[str, list[str]]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from bigtrain.checkpoint import resolve_resume
+    from bigtrain.checkpoint import check_loadable
     from bigtrain.distributed import ParallelState
     from bigtrain.metrics import setup_logging
 
     path, overrides = _split_args(argv, "train")
     cfg = load_config(path, overrides)  # all validation happens before any work
-    resolve_resume(os.path.join(cfg.run.dir, "checkpoints"), cfg.resume)  # a bad resume path fails now
+    for key, ckpt in (("resume", cfg.resume), ("init", cfg.init)):  # a named checkpoint that cannot load fails now
+        if ckpt and ckpt not in ("auto", "never"):
+            _checked(key, ckpt, check_loadable)
     ps = ParallelState.create(cfg.parallel)  # validates the layout before initialising anything
     setup_logging(ps.rank)
     try:
         return _train(cfg, ps)
     finally:
         ps.destroy()
+
+
+def _checked(key: str, path: str, check: Callable[[str], object]) -> None:
+    from bigtrain.checkpoint import CheckpointError
+
+    try:
+        check(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{key}={path}: {exc}") from None
 
 
 def _train(cfg: Config, ps: ParallelState) -> int:
@@ -77,9 +101,17 @@ def _train(cfg: Config, ps: ParallelState) -> int:
         metrics.enable_wandb(cfg.log.wandb_project, name, asdict(cfg), cfg.run.dir)
     try:
         status = trainer.fit(metrics)
+    except FinalEvalFailed:
+        _write_results(cfg, trainer, EXIT_EVAL_FAILED, ps.rank)
+        raise
     finally:
         metrics.close()
-    if ps.rank == 0:
+    _write_results(cfg, trainer, status, ps.rank)
+    return status
+
+
+def _write_results(cfg: Config, trainer: Trainer, status: int, rank: int) -> None:
+    if rank == 0:
         summary = {"step": trainer.state.step, "status": status, "train_seconds": round(trainer.state.train_seconds, 2)}
         summary.update(trainer.last_eval)
         with open(os.path.join(cfg.run.dir, "results.json"), "w") as f:
@@ -88,7 +120,6 @@ def _train(cfg: Config, ps: ParallelState) -> int:
 
         make_report(cfg.run.dir)
         print(json.dumps(summary))
-    return status
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -128,7 +159,7 @@ def cmd_config(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bigtrain.checkpoint import CheckpointError
+    from bigtrain.checkpoint import CheckpointError, CheckpointSaveError
     from data_pipeline import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -158,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             from data_pipeline.cli import main as data_main
 
             return data_main(rest, prog="bigtrain data")
+    except CheckpointSaveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
+    except FinalEvalFailed as exc:
+        print(f"error: final evaluation failed: {exc}", file=sys.stderr)
+        return EXIT_EVAL_FAILED
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

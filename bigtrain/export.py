@@ -4,8 +4,10 @@
 
 The checkpoint's metadata lists every model tensor with its global shape, so the
 full tensors are allocated from it and DCP fills them from whatever shards the
-saving run wrote (any world size, ZeRO stage, TP or PP layout). Nothing is
-unpickled: tensors come from DCP, and the config from the checkpoint's YAML.
+saving run wrote (any world size, ZeRO stage, TP or PP layout). Every file's size
+and checksum is verified first; the metadata is read by the restricted unpickler
+(nothing but DCP's own types), tensors with ``weights_only`` loading, the config
+from the checkpoint's YAML.
 
 * ``safetensors``: one ``.safetensors`` file with bigtrain's parameter names.
 * ``hf`` (causal LMs): a Hugging Face ``save_pretrained`` directory
@@ -21,24 +23,36 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from bigtrain.checkpoint import CONFIG_FILE, CheckpointError, SafeLoadPlanner, _single_process_ok, is_complete
+from torch.distributed.checkpoint.api import CheckpointException
+
+from bigtrain.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    CorruptCheckpoint,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    _single_process_ok,
+)
+from bigtrain.checkpoint.manager import verify_checkpoint
 
 MODEL_PREFIX = "model."
 
 
 def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
     """Every model tensor of a complete checkpoint, unsharded, keyed by parameter name."""
-    if not is_complete(ckpt):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (missing completion marker)")
-    reader = dcp.FileSystemReader(ckpt)
+    verify_checkpoint(ckpt)
+    reader = SafeFileSystemReader(ckpt)
     state: dict[str, torch.Tensor] = {}
     for key, meta in reader.read_metadata().state_dict_metadata.items():
         if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
             state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not state:
         raise CheckpointError(f"{ckpt} holds no model tensors")
-    with _single_process_ok():
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    try:
+        with _single_process_ok():
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except CheckpointException as exc:  # a BaseException: never let it escape as a traceback
+        raise CorruptCheckpoint(f"{ckpt} does not load: {next(iter(exc.failures.values()))[0]}") from None
     return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
 
 

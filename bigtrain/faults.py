@@ -6,6 +6,14 @@ Off unless the environment variable ``BIGTRAIN_FAULTS`` is set, e.g.::
     BIGTRAIN_FAULTS="loss_scale@7"               the loss of step 7 is multiplied by 1000
     BIGTRAIN_FAULTS="kill_in_save@20:1"          rank 1 SIGKILLs itself after writing its shard
                                                   of the step-20 checkpoint, before the commit
+    BIGTRAIN_FAULTS="kill_in_write@20:1"         rank 1 SIGKILLs itself inside a DCP file write of the
+                                                  step-20 checkpoint (the background thread for async saves)
+    BIGTRAIN_FAULTS="enospc_in_write@20"         a write of the step-20 checkpoint fails with ENOSPC
+    BIGTRAIN_FAULTS="kill_after_marker@20"       rank 0 SIGKILLs itself after writing the marker, before
+                                                  the rename that publishes the checkpoint
+    BIGTRAIN_FAULTS="kill_in_prune@4"            rank 0 SIGKILLs itself while deleting the step-4 checkpoint
+    BIGTRAIN_FAULTS="sigterm_in_eval@12"         the evaluation at step 12 starts with a SIGTERM to this process
+    BIGTRAIN_FAULTS="raise_in_eval@12"           the evaluation at step 12 raises RuntimeError
 
 Steps are the 0-based index of the step being computed (``trainer.state.step``), or
 for saves the step number of the checkpoint. Each fault fires once per process, so a
@@ -15,6 +23,7 @@ SIGKILL, a real non-finite loss flowing through backward.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -22,7 +31,7 @@ _fired: set[str] = set()
 
 
 def _spec() -> list[tuple[str, int, int | None]]:
-    out = []
+    out: list[tuple[str, int, int | None]] = []
     for item in filter(None, (s.strip() for s in os.environ.get("BIGTRAIN_FAULTS", "").split(","))):
         name, _, rest = item.partition("@")
         step, _, rank = rest.partition(":")
@@ -43,3 +52,22 @@ def fires(name: str, step: int, rank: int = 0) -> bool:
 def maybe_kill(name: str, step: int, rank: int) -> None:
     if fires(name, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_checkpoint_write(step: int, rank: int) -> None:
+    """Called before every write into a checkpoint file: a kill or a full disk right there."""
+    if not os.environ.get("BIGTRAIN_FAULTS"):
+        return
+    maybe_kill("kill_in_write", step, rank)
+    if fires("enospc_in_write", step, rank):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+
+
+def in_evaluate(step: int, rank: int) -> None:
+    """Called as an evaluation starts: a preemption signal or a crash right there."""
+    if not os.environ.get("BIGTRAIN_FAULTS"):
+        return
+    if fires("sigterm_in_eval", step, rank):
+        os.kill(os.getpid(), signal.SIGTERM)
+    if fires("raise_in_eval", step, rank):
+        raise RuntimeError(f"injected failure in the evaluation at step {step}")

@@ -28,28 +28,38 @@ from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer
 from bigtrain.tasks import CausalLMTask, ClassificationTask
 from bigtrain.trainer import Trainer
 from data_pipeline import DataError, GlobalOrder, ImageBatchDataset, ImageSpec, SplitInfo, TrainStream, load_split
-from data_pipeline.index import find_foreign_shards, read_index
+from data_pipeline.index import check_shards, find_foreign_shards, read_index
 from data_pipeline.loader import ShardBatchDataset, TokenBatchDataset
 from data_pipeline.text import write_text_shards
-from data_pipeline.writer import write_digits
+from data_pipeline.writer import write_digits, write_set_atomically
 
 log = logging.getLogger(__name__)
 
 
 def ensure_data(cfg: Config) -> None:
-    """Write the embedded data set into ``data.dir`` if it holds no shards for the train split."""
+    """Write the embedded data set into ``data.dir`` if it holds no shards for the train split.
+
+    The set is written into a temporary directory and renamed into place when complete, and
+    only where ``data.dir`` does not exist or is empty: a directory of the user's that is not a
+    shard set is never written into."""
     d = cfg.data
     have_index = os.path.isdir(d.dir) and (read_index(d.dir) or {}).get("splits", {}).get(d.train_split)
     if have_index or (os.path.isdir(d.dir) and find_foreign_shards(d.dir, d.train_split)):
         return
     if d.source == "none":
         raise DataError(f"data.dir={d.dir!r} has no shards for split '{d.train_split}' and data.source=none")
+    if os.path.exists(d.dir) and (not os.path.isdir(d.dir) or os.listdir(d.dir)):
+        raise DataError(
+            f"data.dir={d.dir!r} is not empty and holds no shards for split '{d.train_split}': refusing to write "
+            f"data.source={d.source} into it (point data.dir at a new or empty directory, or set data.source=none)")
     if d.source == "stdlib_text":
         log.info("writing byte-level token shards of the Python standard library into %s", d.dir)
-        write_text_shards(d.dir, seq_len=cfg.model.seq_len, max_bytes=d.text_max_bytes, samples_per_shard=d.samples_per_shard)
+        write_set_atomically(d.dir, lambda tmp: write_text_shards(
+            tmp, seq_len=cfg.model.seq_len, max_bytes=d.text_max_bytes, samples_per_shard=d.samples_per_shard))
         return
     log.info("writing the embedded digits data set into %s", d.dir)
-    write_digits(d.dir, image_size=d.image_size, samples_per_shard=d.samples_per_shard, seed=0)
+    write_set_atomically(d.dir, lambda tmp: write_digits(tmp, image_size=d.image_size,
+                                                         samples_per_shard=d.samples_per_shard, seed=0))
 
 
 def image_spec(cfg: Config, train: bool) -> ImageSpec:
@@ -57,6 +67,7 @@ def image_spec(cfg: Config, train: bool) -> ImageSpec:
     return ImageSpec(
         image_size=d.image_size, channels=d.channels, num_classes=cfg.model.num_classes, mean=list(d.mean),
         std=list(d.std), augment=d.augment if train else "none", crop_padding=d.crop_padding, on_error=d.on_error,
+        max_member_bytes=d.max_member_bytes,
     )
 
 
@@ -98,7 +109,8 @@ def train_dataset(cfg: Config, split: SplitInfo) -> ShardBatchDataset:
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
     if cfg.model.name == "vit":
         return ImageBatchDataset(split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
-    return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error)
+    return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error,
+                             cfg.data.max_member_bytes)
 
 
 def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any) -> Any:
@@ -108,7 +120,8 @@ def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, p
             cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
             autocast=autocast, num_workers=cfg.data.num_workers, **dp,
         )
-    return CausalLMEvaluator(eval_split, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=autocast, **dp)
+    return CausalLMEvaluator(eval_split, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=autocast,
+                             max_member_bytes=cfg.data.max_member_bytes, **dp)
 
 
 def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
@@ -120,8 +133,11 @@ def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
                 f"config key 'model.num_classes' ({cfg.model.num_classes}) is smaller than the "
                 f"{info.num_classes} classes recorded in {cfg.data.dir}/index.json"
             )
+    if evals.indexed:  # counts come from the index; a shard damaged since would silently shrink the eval set
+        check_shards(evals)
+    for info in (train, evals):
         for damaged in info.damaged_shards:
-            log.warning("damaged shard, readable part kept: %s", damaged)
+            log.warning("damaged shard in %s, readable part kept: %s", info.root, damaged)
     return train, evals
 
 
@@ -185,6 +201,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     checkpointer = Checkpointer(
         cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier,
         group=ps.side_group(), config_text=dump_yaml(cfg), write_threads=cfg.checkpoint.write_threads,
+        keep_aside=cfg.checkpoint.keep_aside, allow_changes=cfg.resume_allow_changes,
     )
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,16 @@ import torch.distributed as dist
 from torch import nn
 
 from bigtrain import faults
-from bigtrain.checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, RNGState, ScalarState
+from bigtrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointSaveError,
+    CorruptCheckpoint,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    ScalarState,
+)
 from bigtrain.config.schema import Config
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
@@ -35,11 +45,17 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # the numerical guard gave up (no checkpoint to roll back to, or too many rollbacks)
+EXIT_SAVE_FAILED = 4  # a checkpoint that had to be written could not be (disk full, permissions)
+EXIT_EVAL_FAILED = 5  # training finished and its final checkpoint is committed, the final evaluation failed
 EXIT_REQUEUE = 75  # stopped early (time budget / preemption) after saving: resubmit to continue
 
 
 class TrainingDiverged(RuntimeError):
     """The numerical guard could not recover (no checkpoint, or rollbacks exhausted)."""
+
+
+class FinalEvalFailed(RuntimeError):
+    """The final evaluation raised; the trained state was committed before it ran."""
 
 
 class Stream(Protocol):
@@ -121,33 +137,69 @@ class Trainer:
         }
 
     def maybe_resume(self) -> int | None:
-        path = self.checkpointer.resolve(self.cfg.resume)
-        if path is None:
+        """Restore per ``resume`` (see :class:`Checkpointer` for the timeline rules); returns the
+        resumed step, or None for a new run (then ``init``, if set, loads model weights)."""
+        ck, resume = self.checkpointer, self.cfg.resume
+        ck.cleanup_temporaries()
+        found: tuple[str, dict[str, Any]] | None = None
+        if resume == "auto":
+            found = ck.restore_latest(self.stateful(), check_config=True)
+            if found is not None:
+                ck.continue_branch(*found)
+        elif resume != "never":
+            try:
+                meta = ck.load(resume, self.stateful(), check_config=True)
+            except CorruptCheckpoint as exc:  # named explicitly: the user decides, no fallback
+                raise CheckpointError(f"resume={resume}: {exc}") from None
+            found = (resume, meta)
+            newest = ck.agreed(ck.latest)
+            if newest is not None and os.path.realpath(newest) == os.path.realpath(resume):
+                ck.continue_branch(resume, meta)
+            else:  # an older checkpoint: the newer ones of this run belong to an abandoned branch
+                ck.start_branch({"path": os.path.abspath(resume), "step": meta["step"], "run_id": meta.get("run_id")})
+        if found is None:
+            ck.start_branch(None)
+            if self.cfg.init:
+                ck.load_weights(self.cfg.init, self.model)
             return None
-        self.load(path)
-        log.info("resumed from %s (step %d)", path, self.state.step)
+        self._after_load(*found)
+        log.info("resumed from %s (step %d)", found[0], self.state.step)
         return self.state.step
 
-    def load(self, path: str) -> None:
-        """Restore every stateful key from ``path`` (re-sharded to this run's layout)."""
-        meta = self.checkpointer.load(path, self.stateful())
+    def _after_load(self, path: str, meta: dict[str, Any]) -> None:
         self.schedule.apply()  # group LRs follow the restored schedule step, whatever the load order
         self.dp.drop_foreign_state(self.optimizer)
         self._committed_step = self.state.step
         self._last_save_t = time.monotonic()
         if meta["step"] != self.state.step:
-            raise CheckpointError(f"checkpoint {path} marker says step {meta['step']} but holds step {self.state.step}")
+            raise CorruptCheckpoint(f"checkpoint {path} marker says step {meta['step']} but holds step {self.state.step}")
 
     def save(self, asynchronous: bool = False) -> None:
+        """Save this step (raises CheckpointSaveError if it cannot be written)."""
         if self._committed_step == self.state.step:
             return  # this exact state is already on disk (periodic save at the last step, or just resumed)
         self.checkpointer.save(self.state.step, self.stateful(), {"samples_seen": self.state.samples_seen},
                                asynchronous=asynchronous)
         self._committed_step = self.state.step
         self._last_save_t = time.monotonic()
-        if self.metrics:
-            self.metrics.log({"step": self.state.step, "kind": "checkpoint", "async": asynchronous,
-                              "blocked_s": self.checkpointer.last_blocked_s})
+        self._log({"step": self.state.step, "kind": "checkpoint", "async": asynchronous,
+                   "blocked_s": self.checkpointer.last_blocked_s})
+
+    def _save_failed(self, exc: CheckpointSaveError) -> None:
+        """A periodic save failed (its files are already removed): training goes on, the next save retries."""
+        log.error("%s; training continues, the next save will try again", exc)
+        self._committed_step = -1
+        self._log({"step": self.state.step, "kind": "checkpoint_failed", "reason": str(exc)})
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """A metrics record, after any the checkpointer queued (e.g. checkpoint_corrupt at resume)."""
+        if self.metrics is None:
+            return
+        for event in self.checkpointer.events:
+            self.metrics.log({"step": self.state.step, **event})
+        self.checkpointer.events.clear()
+        if record:
+            self.metrics.log(record)
 
     # --- one step -----------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -236,14 +288,14 @@ class Trainer:
         if self.evaluator is None:
             return {}
         t0 = time.perf_counter()
+        faults.in_evaluate(self.state.step, self.rank)
         results = self.evaluator(self.eval_model)
         results["eval/seconds"] = time.perf_counter() - t0
         self.last_eval = results
         top1 = results.get("eval/top1")
         if top1 is not None:
             self.state.best_eval = max(self.state.best_eval, top1)
-        if self.metrics:
-            self.metrics.log({"step": self.state.step, "kind": "eval", **results})
+        self._log({"step": self.state.step, "kind": "eval", **results})
         log.info("eval @ step %d: %s", self.state.step, {k: round(v, 4) for k, v in results.items()})
         return results
 
@@ -261,17 +313,16 @@ class Trainer:
             preempt.received is not None, self._over_budget(), self._save_due(),
             not self.checkpointer.pending_write_done(), self.checkpointer.pending_write_failed(),
         ])
-        if failed:
-            # A rank's shard is missing: committing would publish an incomplete checkpoint.
-            # Training goes on (a full disk may clear); the next scheduled save tries again.
-            self.checkpointer.abandon_pending()
+        if failed and not writing:
+            # A rank's shard is missing: committing would publish an incomplete checkpoint. Its files
+            # are removed (a full disk must not stay full); training goes on, the next save retries.
+            reason = self.checkpointer.abandon_pending()
             self._committed_step = -1
-            if self.metrics:
-                self.metrics.log({"step": self.state.step, "kind": "checkpoint_failed"})
+            self._log({"step": self.state.step, "kind": "checkpoint_failed", "reason": reason})
         if signalled or budget:
             why = f"signal {preempt.received or 'on another rank'}" if signalled else f"train.max_minutes={self.cfg.train.max_minutes}"
             log.warning("%s at step %d: saving and stopping (exit %d to requeue)", why, self.state.step, EXIT_REQUEUE)
-        commit = self.checkpointer.pending is not None and not writing
+        commit = self.checkpointer.pending is not None and not writing and not failed
         return signalled or budget, due, commit
 
     def _skip_bad_windows(self) -> None:
@@ -281,47 +332,71 @@ class Trainer:
                 self.stream.skip(end - start)
 
     def rollback(self) -> None:
-        """Reload the last complete checkpoint after the guard gave up on the current weights."""
+        """Reload the newest usable checkpoint after the guard gave up on the current weights."""
         reason, self.rollback_reason = self.rollback_reason, ""
         self.rollbacks += 1
         if self.rollbacks > self.cfg.train.max_rollbacks:
             raise TrainingDiverged(f"{reason}; train.max_rollbacks={self.cfg.train.max_rollbacks} exhausted")
-        self.checkpointer.wait()
-        path = self.checkpointer.latest()
-        if path is None:
-            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to (set checkpoint.every_steps)")
+        try:
+            self.checkpointer.wait()
+        except CheckpointSaveError as exc:
+            self._save_failed(exc)
         end = self.stream.consumed_samples
         window = (end - self._bad_steps * self.samples_per_step, end)
         bad_step = self.state.step
-        self.load(path)
+        found = self.checkpointer.restore_latest(self.stateful())
+        self._log({})  # checkpoints found unusable on the way
+        if found is None:
+            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to (set checkpoint.every_steps)")
+        path, meta = found
+        self._after_load(path, meta)
         self.guard.reset()
         if self.cfg.train.rollback_skip_data:
             self.skip_windows.append(window)
         log.warning("step %d: %s -> rolled back to %s (step %d)%s", bad_step, reason, path, self.state.step,
                     f", samples {window} will be skipped" if self.cfg.train.rollback_skip_data else "")
-        if self.metrics:
-            self.metrics.log({"step": bad_step, "kind": "rollback", "reason": reason, "to_step": self.state.step,
-                              "skipped_window": list(window) if self.cfg.train.rollback_skip_data else None})
+        self._log({"step": bad_step, "kind": "rollback", "reason": reason, "to_step": self.state.step,
+                   "skipped_window": list(window) if self.cfg.train.rollback_skip_data else None})
 
     def fit(self, metrics: MetricsLogger) -> int:
         """Train to ``train.steps``; returns EXIT_OK, or EXIT_REQUEUE after a preemption signal or
         the time budget (a checkpoint of the stopping step is committed before returning).
-        Raises TrainingDiverged when the numerical guard cannot recover."""
+
+        The end of the run stays under the preemption handler: the final checkpoint is committed
+        first, then the final evaluation runs (skipped, EXIT_REQUEUE, if a signal came before
+        it: the requeued run resumes at the last step and only evaluates). Raises
+        TrainingDiverged when the numerical guard cannot recover, CheckpointSaveError when the
+        final or preemption save cannot be written, FinalEvalFailed when the final evaluation
+        raises (the trained state is on disk by then)."""
         self.metrics = metrics
+        self._log({})
         preempt = PreemptionFlag(self.cfg.train.preempt_signals)
         preempt.install()
         progress = Progress(self.cfg.train.steps, self.state.step, self.cfg.log.progress, self.rank == 0)
         try:
             status = self._loop(progress, preempt)
+            progress.close()
+            self.checkpointer.wait()
+            if status == EXIT_REQUEUE or self.cfg.checkpoint.save_final:
+                self.save()  # synchronous: the process may be gone soon after
+            if status == EXIT_OK:
+                if agree([preempt.received is not None])[0]:
+                    log.warning("signal during the final save: the final evaluation runs when the job is resubmitted")
+                    return EXIT_REQUEUE
+                self._final_eval()
         finally:
             progress.close()
             preempt.restore()
-        if status == EXIT_OK:
-            self.evaluate()
-        if status == EXIT_REQUEUE or self.cfg.checkpoint.save_final:
-            self.save()  # synchronous: the process may be gone soon after
-        self.checkpointer.wait()
         return status
+
+    def _final_eval(self) -> None:
+        try:
+            self.evaluate()
+        except Exception as exc:
+            saved = self.checkpointer.head if self._committed_step == self.state.step else None
+            log.error("final evaluation failed", exc_info=True)
+            where = f"the trained state is saved in {saved}" if saved else "no final checkpoint (checkpoint.save_final=false)"
+            raise FinalEvalFailed(f"{type(exc).__name__}: {exc}; {where}") from exc
 
     def _loop(self, progress: Progress, preempt: PreemptionFlag) -> int:
         cfg = self.cfg
@@ -351,7 +426,7 @@ class Trainer:
                 window_t, window_n = 0.0, 0
             stop, save_due, commit = self._control(preempt)
             if commit:
-                self.checkpointer.commit_pending()
+                self._periodic(self.checkpointer.commit_pending)
             if stop:
                 return EXIT_REQUEUE
             if step == total:
@@ -359,5 +434,11 @@ class Trainer:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 self.evaluate()
             if save_due or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                self.save(asynchronous=cfg.checkpoint.async_save)
+                self._periodic(lambda: self.save(asynchronous=cfg.checkpoint.async_save))
         return EXIT_OK
+
+    def _periodic(self, save: Callable[[], None]) -> None:
+        try:
+            save()
+        except CheckpointSaveError as exc:
+            self._save_failed(exc)

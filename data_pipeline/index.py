@@ -42,7 +42,8 @@ class SplitInfo:
     shards: list[ShardInfo]
     num_classes: int = 0  # 0 = unknown (foreign shards)
     classes: list[str] = field(default_factory=list)
-    damaged_shards: list[str] = field(default_factory=list)  # found while counting foreign shards
+    damaged_shards: list[str] = field(default_factory=list)  # found while counting foreign shards, or by check_shards
+    indexed: bool = False  # counts come from our index.json (not from scanning the tars)
 
     @property
     def num_samples(self) -> int:
@@ -92,6 +93,20 @@ def find_foreign_shards(root: str, split: str) -> list[str]:
     return []
 
 
+def check_shards(info: SplitInfo) -> list[str]:
+    """Scan every shard of an indexed split (headers only) and describe each one that holds
+    fewer readable samples than the index says, e.g. a shard truncated after it was indexed.
+    The descriptions also go into ``info.damaged_shards``."""
+    found = []
+    for shard in info.shards:
+        scan = scan_shard(os.path.join(info.root, shard.name))
+        if len(scan.samples) < shard.num_samples:
+            found.append(f"{shard.name}: {len(scan.samples)} of {shard.num_samples} samples readable"
+                         + (f" ({scan.error})" if scan.error else ""))
+    info.damaged_shards.extend(found)
+    return found
+
+
 def load_split(root: str, split: str) -> SplitInfo:
     """Describe one split, from our index if present, else by scanning foreign tars."""
     if not os.path.isdir(root):
@@ -103,7 +118,7 @@ def load_split(root: str, split: str) -> SplitInfo:
         missing = [s.name for s in shards if not os.path.isfile(os.path.join(root, s.name))]
         if missing:
             raise DataError(f"{root}/{INDEX_NAME} lists shards that do not exist: {missing[:3]}")
-        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []))
+        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []), indexed=True)
     else:
         names = find_foreign_shards(root, split)
         if not names:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.index import DataError, SplitInfo
 from data_pipeline.order import GlobalOrder
-from data_pipeline.tario import ShardReader
+from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES, ShardReader
 from data_pipeline.writer import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class ImageSpec:
     augment: str = "none"  # none | crop | crop_flip
     crop_padding: int = 0
     on_error: str = "skip"  # skip | raise
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are bad samples; 0 = no cap
 
 
 def decode_image(members: dict[str, bytes], spec: ImageSpec) -> np.ndarray:
@@ -96,8 +97,10 @@ class ShardBatchDataset(Dataset):
     replacing bad samples (see ``__getitem__``).
     """
 
-    def __init__(self, split: SplitInfo, order: GlobalOrder, seed: int, train: bool, on_error: str) -> None:
+    def __init__(self, split: SplitInfo, order: GlobalOrder, seed: int, train: bool, on_error: str,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
         self.split, self.order, self.seed, self.train, self.on_error = split, order, seed, train, on_error
+        self.max_member_bytes = max_member_bytes
         self.reader: ShardReader | None = None  # opened lazily, per process
 
     def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
@@ -105,7 +108,7 @@ class ShardBatchDataset(Dataset):
 
     def load(self, position: int) -> dict[str, Any]:
         if self.reader is None:
-            self.reader = ShardReader()
+            self.reader = ShardReader(max_member_bytes=self.max_member_bytes)
         _, shard, index = self.order.lookup(position)
         try:
             _, members = self.reader.read(self.split.path(shard), index)
@@ -151,7 +154,7 @@ class ImageBatchDataset(ShardBatchDataset):
     """Image classification samples: ``image`` (C, H, W float, normalised) and ``label``."""
 
     def __init__(self, split: SplitInfo, order: GlobalOrder, spec: ImageSpec, seed: int, train: bool) -> None:
-        super().__init__(split, order, seed, train, spec.on_error)
+        super().__init__(split, order, seed, train, spec.on_error, spec.max_member_bytes)
         self.spec = spec
         c = spec.channels
         self.mean = np.asarray(spec.mean * (c if len(spec.mean) == 1 else 1), dtype=np.float32)
@@ -169,8 +172,9 @@ class ImageBatchDataset(ShardBatchDataset):
 class TokenBatchDataset(ShardBatchDataset):
     """Packed token sequences (``.tok``: little-endian uint16): ``tokens`` of length seq_len + 1."""
 
-    def __init__(self, split: SplitInfo, order: GlobalOrder, seq_len: int, vocab_size: int, seed: int, on_error: str) -> None:
-        super().__init__(split, order, seed, train=False, on_error=on_error)
+    def __init__(self, split: SplitInfo, order: GlobalOrder, seq_len: int, vocab_size: int, seed: int, on_error: str,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
+        super().__init__(split, order, seed, train=False, on_error=on_error, max_member_bytes=max_member_bytes)
         self.seq_len, self.vocab_size = seq_len, vocab_size
 
     def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:

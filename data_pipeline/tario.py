@@ -71,17 +71,26 @@ def scan_shard(path: str) -> ShardScan:
     return ShardScan(path=path, samples=samples, error=error)
 
 
+class MemberTooLarge(OSError):
+    """A tar member is larger than the reader's cap (a crafted or mixed-up shard)."""
+
+
+DEFAULT_MAX_MEMBER_BYTES = 16 * 2**20
+
+
 class ShardReader:
     """Reads sample members by offset; keeps a small cache of open files and scans.
 
     One instance per process (DataLoader workers each build their own after fork),
-    so no file handle is shared across processes.
+    so no file handle is shared across processes. A member larger than
+    ``max_member_bytes`` (0 = no cap) is refused before any of it is read.
     """
 
-    def __init__(self, max_open: int = 16) -> None:
+    def __init__(self, max_open: int = 16, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
         self._scans: dict[str, ShardScan] = {}
         self._files: dict[str, int] = {}
         self._max_open = max_open
+        self.max_member_bytes = max_member_bytes
 
     def scan(self, path: str) -> ShardScan:
         scan = self._scans.get(path)
@@ -111,6 +120,9 @@ class ShardReader:
         fd = self._fd(path)
         out = {}
         for ext, (offset, size) in entry.members.items():
+            if self.max_member_bytes and size > self.max_member_bytes:
+                raise MemberTooLarge(f"member {entry.key}.{ext} is {size} bytes, over the {self.max_member_bytes}-byte "
+                                     "cap (data.max_member_bytes)")
             data = os.pread(fd, size, offset)
             if len(data) != size:
                 raise OSError(f"short read of {entry.key}.{ext} in {path}")

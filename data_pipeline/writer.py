@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Iterable, Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,3 +149,37 @@ def write_imagefolder(src: str, root: str, split: str, samples_per_shard: int = 
     if not classes:
         raise DataError(f"{src} has no class sub-directories (expected {src}/<class>/<image>)")
     return write_shards(imagefolder_examples(src, classes, seed), root, split, samples_per_shard, len(classes), classes)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_set_atomically(root: str, write: Callable[[str], object]) -> None:
+    """Write a whole shard set with ``write(directory)`` into a temporary sibling of ``root``,
+    then rename it to ``root``: a run killed half-way leaves no partial set that the next run
+    would trust. ``root`` must not exist or be an empty directory (nothing of a user's is
+    overwritten). Temporaries of killed writers (their process is gone) are removed first."""
+    root = os.path.abspath(root)
+    parent, base = os.path.dirname(root), os.path.basename(root)
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{base}.partial-"
+    for name in os.listdir(parent):
+        pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a data set is meant to be shared
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
+        os.rename(tmp, root)  # fails if another writer got there first: its complete set stays
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

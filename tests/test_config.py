@@ -85,3 +85,12 @@ def test_dump_roundtrip_and_describe() -> None:
     keys = {r[0] for r in rows}
     assert {"run.dir", "train.steps", "train.seed", "train.global_batch_size", "checkpoint.every_steps", "resume", "data.dir"} <= keys
     assert all(r[3] for r in rows), "every field documents itself"
+
+
+def test_describe_shows_bounds_and_the_documented_exit_code() -> None:
+    from bigtrain.config import Config, describe
+
+    rows = {key: help_ for key, _, _, help_ in describe(Config)}
+    assert rows["log.every_steps"].endswith("[> 0]")
+    assert rows["data.max_error_fraction"].endswith("[>= 0, <= 1]")
+    assert "exit 3" in rows["train.max_rollbacks"], "the code exits 3 when rollbacks are exhausted"

@@ -231,3 +231,77 @@ def test_data_pipeline_never_imports_bigtrain():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     code = "import sys, bigtrain.models.vit; sys.exit(any(m.startswith(('bigtrain.distributed', 'torch.distributed.fsdp')) for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- safe data (issue 8) --------------------------------------------------------------------------
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+
+
+def test_killed_data_write_leaves_nothing_trusted(tmp_path):
+    """A writer killed half-way used to leave a partial set the next run trusted: now the set is
+    written into a temporary sibling and renamed into place only when complete."""
+    from data_pipeline.writer import write_set_atomically
+
+    root = tmp_path / "digits"
+    code = (
+        "import os, signal, sys\n"
+        "from data_pipeline.writer import write_digits, write_set_atomically\n"
+        "def write(d):\n"
+        "    write_digits(d, image_size=8, samples_per_shard=128)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # all shards of both splits written, not yet renamed\n"
+        f"write_set_atomically({str(root)!r}, write)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == -9
+    assert not root.exists(), "nothing under the real name"
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".digits.partial-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "index.json").is_file()
+    write_set_atomically(str(root), lambda d: write_tar(os.path.join(d, "train-000000.tar"), [("a", {"cls": b"1"})]))
+    assert (root / "train-000000.tar").is_file() and not leftovers[0].exists(), "the dead writer's temporary is removed"
+
+
+def test_embedded_data_never_written_into_a_users_directory(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"\xff\xd8 precious")
+    proc = _cli("train", "configs/vit/digits_test.yaml", f"data.dir={photos}", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "data.source=digits" in last and "not empty" in last
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.jpg"], "nothing written into it"
+
+
+def test_truncated_eval_shard_is_reported(tmp_path, digits_dir):
+    """A truncated evaluation shard used to shrink the eval set silently (359 -> 230 samples)."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    shard = data / "test-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    run = tmp_path / "run"
+    proc = _cli("train", "configs/vit/digits_test.yaml", f"data.dir={data}", f"run.dir={run}", "train.steps=2",
+                "schedule.warmup_steps=0", "schedule.cooldown_steps=1", "eval.fewshot=false", "checkpoint.every_steps=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "damaged shard" in proc.stderr and "test-000001.tar" in proc.stderr
+    assert "evaluation lost" in proc.stderr
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    lost = evals[-1]["eval/samples_lost"]
+    assert lost > 0 and evals[-1]["eval/num_samples"] + lost == 359
+
+
+def test_tar_member_size_cap(tmp_path):
+    root = tmp_path / "big"
+    root.mkdir()
+    huge = b"\x00" * (3 * 2**20)  # as if a crafted shard named a 3 MiB blob "png"
+    write_tar(root / "train-000000.tar", [("a", {"png": png_bytes(10), "cls": b"1"}), ("b", {"png": huge, "cls": b"2"})])
+    split = load_split(str(root), "train")
+    batch = next(sequential_batches(split, ImageSpec(8, 1, 10, max_member_bytes=2**20), batch_size=2))
+    assert batch["num_samples"] == 1 and batch["num_errors"] == 1
+    assert "over the 1048576-byte cap" in batch["errors"][0]
+    batch = next(sequential_batches(split, ImageSpec(8, 1, 10, max_member_bytes=0), batch_size=2))
+    assert "does not decode" in batch["errors"][0], "without a cap it is read (and fails to decode)"

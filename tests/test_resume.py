@@ -241,3 +241,27 @@ def test_bad_samples_are_skipped_in_step_across_ranks_and_resume_exactly(digits_
     final = model_params(run / "checkpoints" / "step_00000012")
     for name in reference:
         assert torch.equal(final[name], reference[name]), name
+
+
+def test_bit_rot_in_another_ranks_file_falls_back_on_every_rank(uninterrupted: Path, digits_dir: str,
+                                                                 tmp_path: Path) -> None:
+    """A flipped byte in a file rank 1 wrote: the ranks verify their shares of the files, agree
+    the newest checkpoint is corrupt, move it aside, resume from the previous one together and
+    end bit-identical to the uninterrupted run."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for name in ("step_00000008", "step_00000016"):  # rank 0 picks the newest, step 24
+        assert (run / "checkpoints" / name).is_dir()
+    target = sorted((run / "checkpoints" / "step_00000024").glob("__1_*.distcp"))[-1]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    proc = torchrun(2, f"data.dir={digits_dir}", f"run.dir={run}", *EXACT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checksum mismatch" in proc.stderr and "step_00000016" in proc.stderr
+    corrupt = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "checkpoint_corrupt" in x]
+    assert len(corrupt) == 1 and target.name in corrupt[0]["reason"]
+    assert [p.name.split(".")[0] for p in (run / "checkpoints-aside").iterdir()] == ["step_00000024"]
+    _assert_bit_identical(run, uninterrupted)

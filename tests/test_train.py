@@ -152,6 +152,17 @@ def test_wandb_offline(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         (["train.global_batch_size=30"], "not divisible by 'train.micro_batch_size'"),
         (["model.num_classes=5"], "model.num_classes"),
         (["resume=/nonexistent/ckpt"], "no such checkpoint directory"),
+        (["init=/nonexistent/ckpt"], "no such checkpoint directory"),
+        # each key a review found accepted (and failing late, or dividing by zero)
+        (["log.every_steps=0"], "'log.every_steps' must be > 0, got 0"),
+        (["eval.batch_size=-1"], "'eval.batch_size' must be > 0, got -1"),
+        (["data.num_workers=-1"], "'data.num_workers' must be >= 0, got -1"),
+        (["checkpoint.every_steps=-4"], "'checkpoint.every_steps' must be >= 0"),
+        (["eval.every_steps=-1"], "'eval.every_steps' must be >= 0"),
+        (["checkpoint.keep_last=-1"], "'checkpoint.keep_last' must be >= 0"),
+        (["checkpoint.keep_aside=-1"], "'checkpoint.keep_aside' must be >= 0"),
+        (["data.max_member_bytes=-1"], "'data.max_member_bytes' must be >= 0"),
+        (["resume_allow_changes=[train.stepz]"], "'train.stepz' is not a config key"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(digits_dir: str, tmp_path: Path, args: list[str], message: str) -> None:

@@ -22,12 +22,35 @@ class ConfigError(ValueError):
     """A config problem the user must fix; the message names the offending key."""
 
 
-def doc(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field that carries its documentation (shown by ``bigtrain config``)."""
+def doc(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field that carries its documentation (shown by ``bigtrain config``) and,
+    for numbers (or lists of numbers), the bounds every given value is checked against."""
+    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<="}
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        for kind, limit in bounds.items():
+            ok = {"ge": item >= limit, "gt": item > limit, "le": item <= limit}[kind]
+            if not ok:
+                raise ConfigError(f"config key '{key}' must be {_BOUND_TEXT[kind]} {limit:g}, got {item!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -106,18 +129,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp!r}")  # schema bug, not user error
 
 
-def _all_keys(cls: Any, prefix: str = "") -> list[str]:
+def all_keys(cls: Any, prefix: str = "") -> list[str]:
     keys = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+            keys.extend(all_keys(hints[f.name], prefix + f.name + "."))
     return keys
 
 
 def unknown_key_error(cls: Any, key: str, prefix: str = "") -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(cls, prefix), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, all_keys(cls, prefix), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -133,6 +156,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name)
+            _check_bounds(kwargs[f.name], f.metadata.get("bounds", {}), prefix + f.name)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -161,7 +185,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(root_cls: Any, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Merge ``key=value`` strings into a nested dict, checking each key exists."""
-    valid = set(_all_keys(root_cls))
+    valid = set(all_keys(root_cls))
     for text in overrides:
         path, value = parse_override(text)
         dotted = ".".join(path)
@@ -208,7 +232,8 @@ def describe(cls: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "<required>"
-        rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+        bounds = ", ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in f.metadata.get("bounds", {}).items())
+        rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "") + (f" [{bounds}]" if bounds else "")))
     return rows
 
 

@@ -11,9 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bigtrain.eval.classification import warn_lost
 from bigtrain.tasks.causal_lm import CausalLMTask
 from data_pipeline import SplitInfo, sequential_batches
 from data_pipeline.loader import TokenBatchDataset
+from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES
 
 
 class CausalLMEvaluator:
@@ -28,8 +30,10 @@ class CausalLMEvaluator:
         dp_rank: int = 0,
         dp_size: int = 1,
         dp_group: Any = None,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
         self.split, self.seq_len, self.vocab_size, self.batch_size = split, seq_len, vocab_size, batch_size
+        self.max_member_bytes = max_member_bytes
         self.max_samples, self.autocast = max_samples, autocast
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
 
@@ -38,21 +42,24 @@ class CausalLMEvaluator:
         was_training = model.training
         model.eval()
         task = CausalLMTask(model)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss * tokens, correct tokens, tokens
+        totals = torch.zeros(5, dtype=torch.float64)  # loss * tokens, correct tokens, tokens, samples, samples lost
         try:
             batches = sequential_batches(
                 self.split, None, self.batch_size, self.dp_rank, self.dp_size, self.max_samples,
-                make_dataset=lambda split, order: TokenBatchDataset(split, order, self.seq_len, self.vocab_size, 0, "skip"),
+                make_dataset=lambda split, order: TokenBatchDataset(split, order, self.seq_len, self.vocab_size, 0, "skip",
+                                                                    self.max_member_bytes),
             )
             for batch in batches:
                 with self.autocast():
                     out = task(batch)
                 n = float(batch["weight"].sum()) * self.seq_len
-                totals += torch.tensor([float(out["loss"]) * n, float(out["token_acc"]) * n, n], dtype=torch.float64)
+                totals += torch.tensor([float(out["loss"]) * n, float(out["token_acc"]) * n, n, batch["num_samples"],
+                                        batch["num_errors"]], dtype=torch.float64)
         finally:
             model.train(was_training)
         if self.dp_size > 1:
             dist.all_reduce(totals, group=self.dp_group)
         loss = float(totals[0] / totals[2])
+        warn_lost(self.split, int(totals[3]), int(totals[4]))
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/token_acc": float(totals[1] / totals[2]),
-                "eval/tokens": int(totals[2])}
+                "eval/tokens": int(totals[2]), "eval/num_samples": int(totals[3]), "eval/samples_lost": int(totals[4])}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,15 @@ from torch import nn
 from bigtrain.config.schema import EvalConfig
 from bigtrain.eval.fewshot import fewshot_accuracy
 from data_pipeline import ImageSpec, SplitInfo, sequential_batches
+
+log = logging.getLogger(__name__)
+
+
+def warn_lost(split: SplitInfo, kept: int, lost: int) -> None:
+    """Say loudly when the evaluation ran on fewer samples than the split holds."""
+    if lost:
+        log.warning("evaluation lost %d of %d samples of %s (unreadable; damaged shards: %s)", lost, kept + lost,
+                    split.root, split.damaged_shards or "see the skipped-sample warnings")
 
 
 class ClassificationEvaluator:
@@ -43,20 +53,21 @@ class ClassificationEvaluator:
 
     @torch.no_grad()
     def _encode(self, model: nn.Module, split: SplitInfo, limit: int, logits: bool) -> dict[str, np.ndarray]:
-        feats, labels, outs = [], [], []
+        feats, labels, outs, lost = [], [], [], 0
         batches = sequential_batches(
             split, self.spec, self.cfg.batch_size, rank=self.dp_rank, world=self.dp_size, limit=limit,
             num_workers=self.num_workers,
         )
         for batch in batches:
             keep = batch["weight"] > 0  # drop substitutes for bad samples
+            lost += int(batch["num_errors"])
             with self.autocast():
                 out, f = model(batch["image"], with_features=True)
             if logits:
                 outs.append(out.float()[keep])
             feats.append(f.float()[keep])
             labels.append(batch["label"][keep])
-        result = {"features": torch.cat(feats).numpy(), "labels": torch.cat(labels).numpy()}
+        result = {"features": torch.cat(feats).numpy(), "labels": torch.cat(labels).numpy(), "lost": np.array([lost])}
         if logits:
             result["logits"] = torch.cat(outs).numpy()
         if self.dp_size > 1:  # every rank encoded its contiguous share; put them back in order
@@ -75,7 +86,9 @@ class ClassificationEvaluator:
                 "eval/top1": float((logits.argmax(-1) == labels).float().mean()),
                 "eval/loss": float(F.cross_entropy(logits, labels)),
                 "eval/num_samples": int(len(labels)),
+                "eval/samples_lost": int(test["lost"].sum()),
             }
+            warn_lost(self.eval_split, metrics["eval/num_samples"], metrics["eval/samples_lost"])
             if self.cfg.fewshot:
                 train = self._encode(model, self.train_split, self.cfg.fewshot_max_train, logits=False)
                 accs = fewshot_accuracy(
