@@ -6,6 +6,7 @@ Off unless the environment variable ``BIGTRAIN_FAULTS`` is set, e.g.::
     BIGTRAIN_FAULTS="loss_scale@7"               the loss of step 7 is multiplied by 1000
     BIGTRAIN_FAULTS="kill_in_save@20:1"          rank 1 SIGKILLs itself after writing its shard
                                                   of the step-20 checkpoint, before the commit
+                                                  (asynchronous saves: once every rank's write is done)
     BIGTRAIN_FAULTS="kill_in_write@20:1"         rank 1 SIGKILLs itself inside a DCP file write of the
                                                   step-20 checkpoint (the background thread for async saves)
     BIGTRAIN_FAULTS="enospc_in_write@20"         a write of the step-20 checkpoint fails with ENOSPC

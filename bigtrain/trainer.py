@@ -387,6 +387,7 @@ class Trainer:
         finally:
             progress.close()
             preempt.restore()
+        self.checkpointer.wait()  # pruned checkpoints are gone when fit returns
         return status
 
     def _final_eval(self) -> None:

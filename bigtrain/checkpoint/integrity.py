@@ -7,7 +7,8 @@
   global is refused before anything is called. Tensor payloads are read by DCP with
   ``torch.load(weights_only=True)`` and non-tensor values by our planner the same way.
 * **Integrity.** While DCP writes a ``.distcp`` file, the bytes pass through a stream that
-  updates a CRC32 (in the writer thread, while the bytes are in memory: no second read).
+  updates an XXH3-64 checksum (in the writer thread, while the bytes are in memory: no second
+  read; ~20 GB/s on one core here, against ~4 GB/s for zlib's CRC32).
   Each rank leaves the sizes and checksums of its files in a small side file; at commit,
   rank 0 merges them (plus ``.metadata`` and ``config.yaml``) into the completion marker.
   Before a load, every listed file is checked for size and checksum (the files are
@@ -22,13 +23,13 @@ import io
 import json
 import os
 import pickle
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -39,6 +40,7 @@ METADATA_FILE = ".metadata"
 SUMS_GLOB = ".sums_rank*.json"  # per-rank sizes + checksums, merged into the marker at commit
 # 1: marker without a file manifest (checkpoints written before checksums existed); 2: with it
 FORMAT_VERSION = 2
+CHECKSUM = "xxh3_64"  # the manifest's checksum of each file (an unsigned 64-bit integer)
 _CHUNK = 8 * 2**20
 
 
@@ -110,7 +112,7 @@ class SafeFileSystemReader(FileSystemReader):
 
 # --- checksums while writing ---------------------------------------------------------------------
 class _HashingStream:
-    """Passes writes through to ``raw`` and keeps a running CRC32 and size of what went by.
+    """Passes writes through to ``raw`` and keeps a running checksum and size of what went by.
 
     DCP and ``torch.save`` write each file front to back; a seek would invalidate the
     running checksum, so it is refused rather than silently producing a wrong one.
@@ -118,13 +120,13 @@ class _HashingStream:
 
     def __init__(self, raw: Any, on_write: Callable[[], None]) -> None:
         self.raw, self.on_write = raw, on_write
-        self.crc, self.size = 0, 0
+        self.hasher, self.size = xxhash.xxh3_64(), 0
 
     def write(self, data: Any) -> int:
         self.on_write()
         view = memoryview(data)
         n = self.raw.write(view)
-        self.crc = zlib.crc32(view, self.crc)  # releases the GIL: writer threads hash in parallel
+        self.hasher.update(view)
         self.size += view.nbytes
         return n
 
@@ -163,11 +165,11 @@ class _HashingFileSystem(FileSystem):
         except Exception as exc:
             self.errors.append(exc)
             return
-        self.sums[Path(path).name] = (stream.size, stream.crc)
+        self.sums[Path(path).name] = (stream.size, stream.hasher.intdigest())
 
 
 class ChecksummedWriter(FileSystemWriter):
-    """DCP's file writer that records each written file's size and CRC32 in a side file.
+    """DCP's file writer that records each written file's size and checksum in a side file.
 
     ``on_write`` is called before every write (fault injection uses it to fail or kill a
     rank in the middle of a checkpoint file).
@@ -184,7 +186,7 @@ class ChecksummedWriter(FileSystemWriter):
         future.wait()  # the file system writer is synchronous; re-raises a failed write here
         if self.fs.errors:  # raised in a writer thread DCP does not watch: fail this rank's write
             raise self.fs.errors[0]
-        files = {name: {"size": size, "crc32": crc} for name, (size, crc) in self.sums.items()
+        files = {name: {"size": size, CHECKSUM: digest} for name, (size, digest) in self.sums.items()
                  if name.endswith(".distcp")}
         _write_json(os.path.join(str(self.path), f".sums_rank{self.rank}.json"), files)
         return future
@@ -198,17 +200,18 @@ def _write_json(path: str, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def file_crc32(path: str) -> tuple[int, int]:
-    crc, size = 0, 0
+def file_digest(path: str) -> tuple[int, int]:
+    """(size, checksum) of a file, read in large chunks."""
+    hasher, size = xxhash.xxh3_64(), 0
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+            hasher.update(chunk)
             size += len(chunk)
-    return size, crc
+    return size, hasher.intdigest()
 
 
 def collect_manifest(path: str, world_size: int) -> dict[str, dict[str, int]]:
-    """Merge the ranks' side files into one ``{file: {size, crc32}}`` (rank 0, at commit)."""
+    """Merge the ranks' side files into one ``{file: {size, checksum}}`` (rank 0, at commit)."""
     sums = sorted(glob.glob(os.path.join(path, SUMS_GLOB)))
     if len(sums) != world_size:
         raise CheckpointError(f"{path}: checksums from {len(sums)} of {world_size} ranks; not committing it")
@@ -221,8 +224,8 @@ def collect_manifest(path: str, world_size: int) -> dict[str, dict[str, int]]:
         raise CheckpointError(f"{path}: files {sorted(written ^ set(files))[:3]} lack checksums; not committing it")
     for name in (METADATA_FILE, CONFIG_FILE):  # small, written outside DCP's writer threads
         if os.path.isfile(os.path.join(path, name)):
-            size, crc = file_crc32(os.path.join(path, name))
-            files[name] = {"size": size, "crc32": crc}
+            size, digest = file_digest(os.path.join(path, name))
+            files[name] = {"size": size, CHECKSUM: digest}
     for side in sums:
         os.remove(side)
     return files
@@ -244,8 +247,10 @@ def read_marker(path: str) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CorruptCheckpoint(f"{marker}: checkpoint format {version!r} is newer than this bigtrain ({FORMAT_VERSION})")
     files = meta.get("files")
+    if version >= 2 and meta.get("checksum") != CHECKSUM:
+        raise CorruptCheckpoint(f"{marker}: unknown checksum {meta.get('checksum')!r} (this bigtrain uses {CHECKSUM})")
     if version >= 2 and not (isinstance(files, dict) and all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("crc32"), int)
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get(CHECKSUM), int)
             for v in files.values())):
         raise CorruptCheckpoint(f"{marker}: its file manifest is missing or malformed")
     return meta
@@ -260,7 +265,7 @@ def check_files(path: str, files: dict[str, dict[str, int]], names: list[str], c
             size = os.path.getsize(full)
             if size != expected["size"]:
                 problems.append(f"{name}: {size} bytes, expected {expected['size']}")
-            elif checksums and file_crc32(full)[1] != expected["crc32"]:
+            elif checksums and file_digest(full)[1] != expected[CHECKSUM]:
                 problems.append(f"{name}: checksum mismatch")
         except FileNotFoundError:
             problems.append(f"{name}: missing")

@@ -5,7 +5,7 @@ Layout::
     run_dir/checkpoints/step_00000100/      complete checkpoint (DCP files + marker)
         .metadata, __0_0.distcp, ...
         config.yaml                        the resolved config of the run that saved it
-        bigtrain_complete.json             written last: step, run id, parent, file sizes + CRC32s
+        bigtrain_complete.json             written last: step, run id, parent, file sizes + checksums
     run_dir/checkpoints/.tmp_step_00000200/  a save in progress (never loaded)
     run_dir/checkpoints-aside/             checkpoints moved out of the way (corrupt, abandoned
                                            branch, replaced); never loaded by resume=auto
@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -52,6 +53,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from bigtrain import faults
 from bigtrain.checkpoint.integrity import (
+    CHECKSUM,
     CONFIG_FILE,
     FORMAT_VERSION,
     MARKER,
@@ -226,6 +228,7 @@ class Checkpointer:
         self.run_id = ""  # the current branch; set by start_branch / continue_branch
         self.head: str | None = None  # the checkpoint the current state descends from (next save's parent)
         self.events: list[dict[str, Any]] = []  # records for metrics.jsonl (checkpoint_corrupt, ...)
+        self._deletions: list[threading.Thread] = []  # pruned checkpoints being removed
 
     # --- collectives (identity in one process) ------------------------------------------------------
     def _broadcast(self, obj: Any) -> Any:
@@ -277,7 +280,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         if (error := self._broadcast(error)) is not None:
             raise CheckpointSaveError(error)
-        meta = {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size, "time": time.time(),
+        meta = {"format": FORMAT_VERSION, "checksum": CHECKSUM, "step": step, "world_size": self.world_size, "time": time.time(),
                 "keys": sorted(state), "run_id": self.run_id, "parent": self.head, **(extra or {})}
         writer = ChecksummedWriter(tmp, self.rank, self.write_threads, on_write=lambda: faults.in_checkpoint_write(step, self.rank))
         try:
@@ -334,10 +337,15 @@ class Checkpointer:
         except (CheckpointException, OSError) as exc:
             self._discard(p.tmp)
             raise CheckpointSaveError(f"checkpoint of step {p.step} could not be written: {_reason(exc)}") from None
+        faults.maybe_kill("kill_in_save", p.step, self.rank)  # written everywhere, not committed
         self._commit(p.tmp, p.final, p.meta, p.t0)
 
     def wait(self) -> None:
-        """Block until the in-flight asynchronous save is written on every rank, then commit it."""
+        """Block until the in-flight asynchronous save is written on every rank, then commit it;
+        and until pruned checkpoints are removed."""
+        for thread in self._deletions:
+            thread.join()
+        self._deletions.clear()
         if self.pending is not None:
             with contextlib.suppress(BaseException):
                 self.pending.future.result()  # the failure, if any, is raised by commit_pending
@@ -377,12 +385,15 @@ class Checkpointer:
 
     # --- retention and moving aside -----------------------------------------------------------------
     def _delete(self, step: int, path: str) -> None:
-        """Rename first, then remove: a crash mid-way leaves a '.deleting_' directory, never a
-        half-deleted checkpoint under a step name."""
+        """Rename first, then remove in a background thread: a crash mid-way leaves a '.deleting_'
+        directory (removed later), never a half-deleted checkpoint under a step name, and the
+        removal of gigabytes is off the save's critical path (``wait`` joins it)."""
         doomed = os.path.join(os.path.dirname(path), ".deleting_" + os.path.basename(path))
         os.rename(path, doomed)
         faults.maybe_kill("kill_in_prune", step, self.rank)
-        shutil.rmtree(doomed, ignore_errors=True)
+        thread = threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=True)
+        thread.start()
+        self._deletions.append(thread)
 
     def _prune(self) -> None:
         found = list_complete(self.root)
@@ -393,7 +404,7 @@ class Checkpointer:
                 self._delete(step, path)
         for name in os.listdir(self.root):  # leftovers of crashed saves and deletions
             m = STEP_DIR.match(name[len(".tmp_"):]) if name.startswith(".tmp_") else None
-            if (m and found and int(m.group(1)) < found[-1][0]) or name.startswith(".deleting_"):
+            if m and found and int(m.group(1)) < found[-1][0]:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def _move_aside(self, path: str, reason: str) -> str:
