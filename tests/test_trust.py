@@ -283,3 +283,17 @@ def test_real_full_disk_on_a_small_tmpfs(digits_dir: str, tmp_path: Path) -> Non
         assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr, proc.stderr[-2000:]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_no_usable_checkpoint_stops_instead_of_starting_over(run: Path, digits_dir: str) -> None:
+    """Every checkpoint damaged (say, a storage outage): neither training from scratch nor moving
+    anything aside happens without the user's word."""
+    for step in ("step_00000003", "step_00000006"):
+        _truncate(run / "checkpoints" / step)
+    proc = train(run, digits_dir, *BASE)
+    one_line_error(proc, 2, "no usable checkpoint", "2 failed", "resume=never")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert not (run / "checkpoints-aside").exists()
+    proc = train(run, digits_dir, *BASE, "resume=never")  # the user's decision: start over, keep the old ones
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name.split(".")[1] for p in (run / "checkpoints-aside").iterdir()) == ["abandoned", "abandoned"]

@@ -575,18 +575,27 @@ class Checkpointer:
         return meta
 
     def restore_latest(self, state: dict[str, Stateful], check_config: bool = False) -> tuple[str, dict[str, Any]] | None:
-        """``resume=auto`` and rollback: the newest candidate that verifies and loads. A candidate
-        that fails is logged (a ``checkpoint_corrupt`` event), moved aside and skipped."""
+        """``resume=auto`` and rollback: the newest candidate that verifies and loads; None if there
+        are no candidates. Candidates that fail (damaged, untrusted) are skipped; once an older one
+        loaded, each is logged (a ``checkpoint_corrupt`` event) and moved aside. If none loads,
+        nothing is moved and CheckpointError says why: training from scratch after, say, a storage
+        outage made every file unreadable must be the user's decision (``resume=never``)."""
+        failed: list[tuple[str, CorruptCheckpoint]] = []
         for path in self.agreed(self.candidates):
             try:
                 meta = self.load(path, state, check_config)
             except CorruptCheckpoint as exc:
-                dest = self.move_aside(path, "corrupt")
-                log.error("checkpoint %s is unusable, falling back to an older one: %s%s", path, exc,
-                          f" (moved to {dest})" if dest else "")
-                self.events.append({"kind": "checkpoint_corrupt", "path": path, "reason": str(exc), "moved_to": dest})
+                log.error("checkpoint %s is unusable: %s", path, exc)
+                failed.append((path, exc))
                 continue
+            for bad, exc in failed:
+                dest = self.move_aside(bad, "corrupt")
+                log.error("fell back past %s to %s%s", bad, path, f"; moved it to {dest}" if dest else "")
+                self.events.append({"kind": "checkpoint_corrupt", "path": bad, "reason": str(exc), "moved_to": dest})
             return path, meta
+        if failed:
+            raise CheckpointError(f"no usable checkpoint: {len(failed)} failed, the newest {failed[0][1]} "
+                                  "(resume=never starts over, resume=PATH picks one)")
         return None
 
     def load_weights(self, path: str, model: nn.Module) -> dict[str, list[str]]:
