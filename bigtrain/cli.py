@@ -60,6 +60,7 @@ def _split_args(argv: list[str], cmd: str) -> tuple[str, list[str]]:
 
 def cmd_train(argv: list[str]) -> int:
     from bigtrain.checkpoint import check_loadable
+    from bigtrain.checkpoint.manager import check_resume_config
     from bigtrain.distributed import ParallelState
     from bigtrain.metrics import setup_logging
 
@@ -68,6 +69,8 @@ def cmd_train(argv: list[str]) -> int:
     for key, ckpt in (("resume", cfg.resume), ("init", cfg.init)):  # a named checkpoint that cannot load fails now
         if ckpt and ckpt not in ("auto", "never"):
             _checked(key, ckpt, check_loadable)
+    if cfg.resume not in ("auto", "never"):
+        _checked("resume", cfg.resume, lambda p: check_resume_config(p, dump_yaml(cfg), cfg.resume_allow_changes))
     ps = ParallelState.create(cfg.parallel)  # validates the layout before initialising anything
     setup_logging(ps.rank)
     try:

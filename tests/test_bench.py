@@ -41,6 +41,7 @@ def test_checkpoint_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture
 
     assert main(["--variant", "Ti", "--repeats", "1", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for row in ("disk sequential write", "sync save", "training blocked", "until committed", "load (cold)"):
+    for row in ("disk sequential write", "plain DCP save", "sync save", "training blocked", "until committed",
+                "verify only", "load (cold)"):
         assert row in out
     assert list(tmp_path.iterdir()) == [], "the benchmark cleans up"

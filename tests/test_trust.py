@@ -234,6 +234,9 @@ def test_incompatible_resume_is_refused(run: Path, digits_dir: str, tmp_path: Pa
     one_line_error(proc, 2, "model.depth: 4 -> 2", "resume_allow_changes=[model.depth]")
     proc = train(run, digits_dir, *BASE, "train.global_batch_size=16")
     one_line_error(proc, 2, "train.global_batch_size: 32 -> 16")
+    proc = train(tmp_path / "r2", digits_dir, *BASE, "model.depth=2", f"resume={run / 'checkpoints' / 'step_00000003'}")
+    one_line_error(proc, 2, "resume=", "model.depth: 4 -> 2")  # an explicit path is checked before any work
+    assert not (tmp_path / "r2").exists()
     proc = train(run, digits_dir, *BASE, "model.depth=2", "resume_allow_changes=[model.depth]")
     one_line_error(proc, 2, "no place for", "model.blocks.2")  # allowed by config, refused by strict loading
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before, "nothing was trained"

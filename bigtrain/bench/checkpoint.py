@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{nbytes / async_total_s / disk_w:.2f} |")
         print(f"| bigtrain verify only (sizes + checksums, cold) | {verify_s:.2f} | {gb / verify_s:.2f} | "
               f"{nbytes / verify_s / disk_r:.2f} |")
-        print(f"| bigtrain load (cold, verification included) | {load_s:.2f} | {gb / load_s:.2f} | "
+        print(f"| bigtrain load (cold), verification included | {load_s:.2f} | {gb / load_s:.2f} | "
               f"{nbytes / load_s / disk_r:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)

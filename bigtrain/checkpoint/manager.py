@@ -153,6 +153,26 @@ def check_loadable(path: str) -> dict[str, Any]:
     return meta
 
 
+def check_resume_config(path: str, config_text: str, allow_changes: list[str]) -> None:
+    """Compare the checkpoint's saved config with ``config_text`` (this run's resolved YAML): keys
+    that change what the saved state means (see :mod:`bigtrain.config.compat`) must match unless
+    ``allow_changes`` names them; IncompatibleCheckpoint lists the differences."""
+    saved_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(saved_path):
+        log.warning("checkpoint %s has no %s: cannot check that it fits this run's config", path, CONFIG_FILE)
+        return
+    try:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise CorruptCheckpoint(f"{saved_path} is unreadable ({exc})") from None
+    diffs = resume_mismatches(saved if isinstance(saved, dict) else {}, yaml.safe_load(config_text), allow_changes)
+    if diffs:
+        keys = ", ".join(d.split(":")[0] for d in diffs)
+        raise IncompatibleCheckpoint(f"{path} was saved with other settings: {'; '.join(diffs)} "
+                                     f"(to accept, set resume_allow_changes=[{keys}])")
+
+
 def verify_share(path: str, rank: int = 0, world_size: int = 1) -> tuple[dict[str, Any], list[str]]:
     """(marker, problems) of this rank's share of a checkpoint's files (all of them in one process)."""
     try:
@@ -520,25 +540,9 @@ class Checkpointer:
         return _verdict(path, meta, [p for rank_problems in self._gather(problems) for p in rank_problems])
 
     def check_config(self, path: str) -> None:
-        """Refuse to resume from a checkpoint saved with settings that change what its state means
-        (see :mod:`bigtrain.config.compat`), unless ``allow_changes`` names them."""
-        saved_path = os.path.join(path, CONFIG_FILE)
-        if not self.config_text:
-            return
-        if not os.path.isfile(saved_path):
-            log.warning("checkpoint %s has no %s: cannot check that it fits this run's config", path, CONFIG_FILE)
-            return
-        try:
-            with open(saved_path) as f:
-                saved = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError) as exc:
-            raise CorruptCheckpoint(f"{saved_path} is unreadable ({exc})") from None
-        diffs = resume_mismatches(saved if isinstance(saved, dict) else {}, yaml.safe_load(self.config_text),
-                                  self.allow_changes)
-        if diffs:
-            keys = ", ".join(d.split(":")[0] for d in diffs)
-            raise IncompatibleCheckpoint(f"{path} was saved with other settings: {'; '.join(diffs)} "
-                                         f"(to accept, set resume_allow_changes=[{keys}])")
+        """Refuse to resume from a checkpoint saved with settings that change what its state means."""
+        if self.config_text:
+            check_resume_config(path, self.config_text, self.allow_changes)
 
     def load(self, path: str, state: dict[str, Stateful], check_config: bool = False) -> dict[str, Any]:
         """Verify, then load ``state`` from a complete checkpoint, re-sharding to this run's layout.
