@@ -136,10 +136,11 @@ def cmd_eval(argv: list[str]) -> int:
     ps = ParallelState.create(cfg.parallel)
     setup_logging(ps.rank)
     trainer = build_trainer(cfg, ps)
-    ckpt = trainer.checkpointer.resolve(cfg.resume if cfg.resume != "never" else "auto")
+    ck = trainer.checkpointer
+    ckpt = ck.agreed(ck.latest) if cfg.resume in ("auto", "never") else ck.resolve(cfg.resume)
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint in {cfg.run.dir}/checkpoints to evaluate (set resume=PATH)")
-    trainer.checkpointer.load(ckpt, {"model": trainer.stateful()["model"]})
+    ck.load(ckpt, {"model": trainer.stateful()["model"]})  # verified first; a damaged one exits 2
     results = {"checkpoint": ckpt, **trainer.evaluate()}
     if ps.rank == 0:
         print(json.dumps(results))

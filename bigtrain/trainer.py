@@ -376,13 +376,13 @@ class Trainer:
         try:
             status = self._loop(progress, preempt)
             progress.close()
-            self.checkpointer.wait()
+            self._periodic(self.checkpointer.wait)  # an in-flight asynchronous save
             if status == EXIT_REQUEUE or self.cfg.checkpoint.save_final:
                 self.save()  # synchronous: the process may be gone soon after
+            if status == EXIT_OK and agree([preempt.received is not None])[0]:
+                log.warning("signal during the final save: the final evaluation runs when the job is resubmitted")
+                status = EXIT_REQUEUE
             if status == EXIT_OK:
-                if agree([preempt.received is not None])[0]:
-                    log.warning("signal during the final save: the final evaluation runs when the job is resubmitted")
-                    return EXIT_REQUEUE
                 self._final_eval()
         finally:
             progress.close()
