@@ -300,3 +300,53 @@ def test_no_usable_checkpoint_stops_instead_of_starting_over(run: Path, digits_d
     proc = train(run, digits_dir, *BASE, "resume=never")  # the user's decision: start over, keep the old ones
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name.split(".")[1] for p in (run / "checkpoints-aside").iterdir()) == ["abandoned", "abandoned"]
+
+
+# --- the manager in one process: retention of moved-aside checkpoints, re-saves, optional keys -----
+def _tiny_state() -> tuple[torch.nn.Module, dict]:
+    from bigtrain.checkpoint import ModelState, OptimizerState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return model, {"model": ModelState(model), "optimizer": OptimizerState(model, opt)}
+
+
+def test_moved_aside_checkpoints_are_bounded_and_resaves_keep_the_old_one(tmp_path: Path) -> None:
+    from bigtrain.checkpoint import Checkpointer
+
+    _, state = _tiny_state()
+    ck = Checkpointer(str(tmp_path), keep_last=0, keep_aside=2)
+    for step in (1, 2, 2, 2, 2):  # the same step saved again: the previous copy goes aside ("replaced")
+        ck.save(step, state)
+    aside = sorted(p.name.split(".")[1] for p in (tmp_path / "checkpoints-aside").iterdir())
+    assert aside == ["replaced", "replaced"], "keep_aside=2 bounds what is kept aside"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+
+def test_keys_added_since_may_be_absent_but_model_keys_are_strict(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bigtrain.checkpoint import Checkpointer, IncompatibleCheckpoint, ModelState, ScalarState
+
+    model, state = _tiny_state()
+    ck = Checkpointer(str(tmp_path))
+    path = ck.save(1, state)
+
+    class Ema:  # a component added after the checkpoint was written
+        def __init__(self) -> None:
+            self.decay = 0.5
+
+        def state_dict(self) -> dict:
+            return {"decay": self.decay}
+
+        def load_state_dict(self, s: dict) -> None:
+            self.decay = s["decay"]
+
+    ema = Ema()
+    with caplog.at_level("WARNING"):
+        ck.load(path, {**state, "ema": ScalarState(ema)})
+    assert "no 'ema' state" in caplog.text and ema.decay == 0.5
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(IncompatibleCheckpoint, match="Missing key"):
+        ck.load(path, {"model": ModelState(bigger)})
