@@ -114,7 +114,7 @@ def train_dataset(cfg: Config, split: SplitInfo) -> ShardBatchDataset:
 
 
 def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any) -> Any:
-    dp = {"dp_rank": ps.dp_rank, "dp_size": ps.dp, "dp_group": ps.group("dp")}
+    dp = {"dp_rank": ps.dp_rank, "dp_size": ps.dp, "dp_group": ps.group("dp"), "device": ps.device}
     if cfg.model.name == "vit":
         return ClassificationEvaluator(
             cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
@@ -162,6 +162,8 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     ps = ps or ParallelState.create(cfg.parallel, LaunchEnv())
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    if ps.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     micro = micro_batch_size(cfg, dp_size=ps.dp)
     if ps.rank == 0:
         ensure_data(cfg)
@@ -177,7 +179,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         def build_stage(blocks: list[str], first: bool, last: bool) -> nn.Module:
             stage = build_model(cfg)  # same seed on every rank: stages hold slices of one init
             stage.prune_for_stage(blocks, first, last)
-            return parallelize(stage, cfg, ps, param_dtype)
+            return parallelize(stage.to(ps.device), cfg, ps, param_dtype)
 
         local = cfg.train.global_batch_size // ps.dp
         pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
@@ -185,7 +187,8 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         parts, micro = pipeline.parts, local  # the schedule splits the local batch itself
         task.model = PipelineModel(pipeline)
     else:
-        parts = [parallelize(build_model(cfg), cfg, ps, param_dtype)]
+        # initialised on the CPU from the seed (the same numbers on any device), then moved
+        parts = [parallelize(build_model(cfg).to(ps.device), cfg, ps, param_dtype)]
         task = make_task(cfg, parts[0])
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
@@ -196,7 +199,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         train_dataset(cfg, train_split), cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
-        error_budget_min_samples=cfg.data.error_budget_min_samples,
+        error_budget_min_samples=cfg.data.error_budget_min_samples, pin_memory=ps.device.type == "cuda",
     )
     checkpointer = Checkpointer(
         cfg.run.dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, ps.rank, ps.world_size, ps.barrier,

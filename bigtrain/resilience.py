@@ -45,11 +45,12 @@ class PreemptionFlag:
         self._previous.clear()
 
 
-def agree(flags: list[bool], group: dist.ProcessGroup | None = None) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks (identity without a process group)."""
+def agree(flags: list[bool], group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (identity without a process group).
+    ``device``: where the group's backend reduces (the CUDA device for NCCL)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return flags
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]
 

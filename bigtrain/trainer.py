@@ -50,6 +50,19 @@ EXIT_EVAL_FAILED = 5  # training finished and its final checkpoint is committed,
 EXIT_REQUEUE = 75  # stopped early (time budget / preemption) after saving: resubmit to continue
 
 
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak host RSS of this process and, on CUDA, peak allocated / reserved device memory since the
+    last call (GB): what a user sizing a job looks at."""
+    import resource
+
+    out = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 class TrainingDiverged(RuntimeError):
     """The numerical guard could not recover (no checkpoint, or rollbacks exhausted)."""
 
@@ -203,13 +216,20 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on this process's device (master weights stay fp32)."""
         if self.cfg.train.dtype == "bfloat16":
-            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.ps.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch's tensors on this process's device (asynchronous copies from pinned memory on CUDA)."""
+        if self.ps.device.type == "cpu":
+            return batch
+        return {k: v.to(self.ps.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self) -> dict[str, float]:
         self._skip_bad_windows()
-        batches = self.stream.next_step()
+        batches = [self.to_device(b) for b in self.stream.next_step()]
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         n = len(batches)
@@ -276,7 +296,7 @@ class Trainer:
         if self.ps.dp == 1 and self.ps.pp == 1:
             return logs
         keys = sorted(logs)
-        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.ps.device)
         if self.ps.pp > 1:
             dist.all_reduce(values, group=self.ps.group("pp"))
         if self.ps.dp > 1:
@@ -312,7 +332,7 @@ class Trainer:
         signalled, budget, due, writing, failed = agree([
             preempt.received is not None, self._over_budget(), self._save_due(),
             not self.checkpointer.pending_write_done(), self.checkpointer.pending_write_failed(),
-        ])
+        ], device=self.ps.device)
         if failed and not writing:
             # A rank's shard is missing: committing would publish an incomplete checkpoint. Its files
             # are removed (a full disk must not stay full); training goes on, the next save retries.
@@ -379,7 +399,7 @@ class Trainer:
             self._periodic(self.checkpointer.wait)  # an in-flight asynchronous save
             if status == EXIT_REQUEUE or self.cfg.checkpoint.save_final:
                 self.save()  # synchronous: the process may be gone soon after
-            if status == EXIT_OK and agree([preempt.received is not None])[0]:
+            if status == EXIT_OK and agree([preempt.received is not None], device=self.ps.device)[0]:
                 log.warning("signal during the final save: the final evaluation runs when the job is resubmitted")
                 status = EXIT_REQUEUE
             if status == EXIT_OK:
@@ -423,6 +443,7 @@ class Trainer:
                     "samples_seen": self.state.samples_seen,
                     "data_skipped": self.state.data_skipped,
                     "skipped_steps": self.state.skipped_steps,
+                    **memory_stats(self.ps.device),
                 })
                 window_t, window_n = 0.0, 0
             stop, save_due, commit = self._control(preempt)

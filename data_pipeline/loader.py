@@ -190,12 +190,13 @@ class TokenBatchDataset(ShardBatchDataset):
         return {"tokens": tokens}
 
 
-def _loader(dataset: Dataset, batches: Any, num_workers: int) -> DataLoader:
+def _loader(dataset: Dataset, batches: Any, num_workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,  # items are already batches
         sampler=batches,
         num_workers=num_workers,
+        pin_memory=pin_memory,  # page-locked batches: host-to-GPU copies can run asynchronously
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         # Our own generator: creating an iterator draws a base seed from it, and
@@ -218,6 +219,7 @@ class TrainStream:
         num_workers: int = 0,
         max_error_fraction: float = 1.0,
         error_budget_min_samples: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if global_batch_size % dp_size:
             raise DataError(f"global batch size {global_batch_size} is not divisible by data-parallel size {dp_size}")
@@ -226,7 +228,7 @@ class TrainStream:
             raise DataError(f"per-rank batch {local} is not divisible by micro batch size {micro_batch_size}")
         self.dataset = dataset
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.dp_rank, self.dp_size, self.num_workers, self.pin_memory = dp_rank, dp_size, num_workers, pin_memory
         self.max_error_fraction = max_error_fraction
         # the fraction is judged only after this many samples: 1 bad sample in the first
         # batch of 16 is not evidence that 6% of the data set is bad
@@ -252,7 +254,7 @@ class TrainStream:
     def next_step(self) -> list[dict[str, Any]]:
         """This rank's micro-batches of the next optimizer step."""
         if self._it is None:
-            self._it = iter(_loader(self.dataset, self._positions(self.consumed_samples), self.num_workers))
+            self._it = iter(_loader(self.dataset, self._positions(self.consumed_samples), self.num_workers, self.pin_memory))
         batches = [next(self._it) for _ in range(self.accum_steps)]
         self.consumed_samples += self.global_batch_size
         for b in batches:
@@ -299,6 +301,7 @@ def sequential_batches(
     limit: int = 0,
     num_workers: int = 0,
     make_dataset: Any = None,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """One pass over a split in stored order (no augmentation), this rank's contiguous share.
 
@@ -313,4 +316,4 @@ def sequential_batches(
     else:
         assert spec is not None
         dataset = ImageBatchDataset(split, order, spec, seed=0, train=False)
-    yield from _loader(dataset, chunks, num_workers)
+    yield from _loader(dataset, chunks, num_workers, pin_memory)

@@ -45,3 +45,28 @@ def test_checkpoint_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture
                 "verify only", "load (cold)"):
         assert row in out
     assert list(tmp_path.iterdir()) == [], "the benchmark cleans up"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_check_refuses_without_cuda(capsys: pytest.CaptureFixture) -> None:
+    from bigtrain.bench.gpu import main
+
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("error: no CUDA device")
+
+
+def test_gpu_check_code_paths_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The GPU check's own code (train/save/resume per family, GEMM peak, plain vs bigtrain loops)
+    run on the CPU with tiny models; on a GPU the same paths run with the real sizes."""
+    import json
+
+    from bigtrain.bench.gpu import main
+
+    assert main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["family"] for r in report["function"]] == ["vit", "llama"]
+    assert all(r["resumed"] and r["equal"] for r in report["function"]), "resumed losses equal the uninterrupted run's"
+    rows = report["speed"]["rows"]
+    assert [r["impl"] for r in rows] == ["plain PyTorch (eager)", "bigtrain"] * 2
+    assert all(r["step_s"] > 0 and 0 < r["mfu"] for r in rows)
+    assert "| vit (tiny) | bigtrain |" in capsys.readouterr().out

@@ -47,7 +47,7 @@ def test_train_writes_run_dir_and_resumes_bit_exactly(digits_dir: str, tmp_path:
     assert (run / "config.yaml").is_file() and "global_batch_size: 32" in (run / "config.yaml").read_text()
     train = records(run, "train")
     assert [r["step"] for r in train] == list(range(1, 13))
-    for key in ("step", "loss", "lr", "grad_norm", "samples_per_s", "step_time_s"):
+    for key in ("step", "loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "host_peak_rss_gb"):
         assert all(key in r for r in train), key
     assert train[0]["loss"] == pytest.approx(math.log(10), abs=1e-3), "zero-init head starts at chance"
     evals = records(run, "eval")
@@ -163,6 +163,8 @@ def test_wandb_offline(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         (["checkpoint.keep_aside=-1"], "'checkpoint.keep_aside' must be >= 0"),
         (["data.max_member_bytes=-1"], "'data.max_member_bytes' must be >= 0"),
         (["resume_allow_changes=[train.stepz]"], "'train.stepz' is not a config key"),
+        pytest.param(["parallel.device=cuda"], "no CUDA device is available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
     ],
 )
 def test_bad_input_exits_2_with_one_line(digits_dir: str, tmp_path: Path, args: list[str], message: str) -> None:

@@ -32,6 +32,7 @@ class TrainConfig:
     )
     dtype: Literal["float32", "bfloat16"] = doc("float32", "Compute dtype (autocast); master weights stay fp32.")
     num_threads: int = doc(0, "torch intra-op threads per process; 0 keeps torch's default.", ge=0)
+    tf32: bool = doc(True, "CUDA: allow TF32 tensor cores for fp32 matmuls and convolutions (no effect on CPU).")
     max_minutes: float = doc(
         0.0, "Stop once this wall time is used: save a checkpoint and exit with code 75 (requeue); 0 = no limit.", ge=0
     )
@@ -197,7 +198,10 @@ class ParallelConfig:
         False, "torch.compile each block (after TP/SP and checkpointing, before FSDP); identical blocks share one "
         "compiled graph. The first steps are slower while it compiles (tens of seconds on CPU)."
     )
-    backend: Literal["auto", "gloo", "nccl"] = doc("auto", "Process-group backend; auto = nccl with CUDA, else gloo.")
+    device: Literal["auto", "cpu", "cuda"] = doc(
+        "auto", "Where this process trains: auto = cuda:LOCAL_RANK when CUDA is available, else cpu."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = doc("auto", "Process-group backend; auto = nccl on CUDA devices, else gloo.")
     timeout_s: int = doc(600, "Collective timeout: a dead rank makes the others fail after this, not hang.", gt=0)
 
 

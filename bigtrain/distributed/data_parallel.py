@@ -162,7 +162,7 @@ class DataParallel:
                 # which is not a Shard); Partial grads were reduced in sync_grads
                 groups = tuple(mesh.get_group(i) for i, pl in enumerate(g.placements) if not pl.is_replicate())
             by_groups.setdefault(groups, []).append(_local(g).detach())
-        total_sq = torch.zeros((), dtype=torch.float64)
+        total_sq = torch.zeros((), dtype=torch.float64, device=self.ps.device)
         for groups, local in by_groups.items():
             # per-tensor norms in one multi-tensor kernel (as torch's clip_grad_norm_), summed in fp64
             sq = torch.stack(torch._foreach_norm(local)).double().pow(2).sum()

@@ -55,6 +55,19 @@ class LaunchEnv:
         return cls()
 
 
+def pick_device(cfg: ParallelConfig, env: LaunchEnv) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is wanted and present (made this process's current device), else cpu."""
+    available = torch.cuda.is_available()
+    if cfg.device == "cuda" and not available:
+        raise ConfigError("config key 'parallel.device' is cuda but no CUDA device is available")
+    if cfg.device == "cpu" or not available:
+        return torch.device("cpu")
+    if env.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {env.local_rank} has no CUDA device (this node has {torch.cuda.device_count()})")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
 def first_host(nodelist: str) -> str:
     """First host of a Slurm nodelist (``node[01-04],gpu7`` -> ``node01``); scontrol if available."""
     try:
@@ -122,18 +135,18 @@ class ParallelState:
         """Validate degrees first (cheap, clear errors), then initialise the process group and mesh."""
         env = env or LaunchEnv.detect()
         pp, dp, tp = infer_degrees(cfg, env.world_size)
-        state = cls(cfg, env, pp, dp, tp)
+        state = cls(cfg, env, pp, dp, tp, device=pick_device(cfg, env))
         if env.world_size > 1:
             state._init_process_group()
             state.mesh = init_device_mesh(state.device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         return state
 
     def _init_process_group(self) -> None:
-        use_cuda = torch.cuda.is_available()
-        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(self.env.local_rank)
-            self.device = torch.device("cuda", self.env.local_rank)
+        cuda = self.device.type == "cuda"
+        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        if backend == "nccl" and not cuda:
+            raise ConfigError("config key 'parallel.backend' is nccl but this process trains on the CPU "
+                              "(parallel.device / no CUDA device)")
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", self.env.master_addr)
             os.environ.setdefault("MASTER_PORT", str(self.env.master_port))

@@ -132,7 +132,7 @@ class Pipeline:
                     if me == prev:
                         _send(out, owner, group)
                     elif me == owner:
-                        out = _recv(prev, group)
+                        out = _recv(prev, group, self.ps.device)
             if me == owner:
                 part = self.parts[self.stage_ids.index(sid)]
                 out = part(x if sid == 0 else out, **(kwargs if sid == self.num_stages - 1 else {}))
@@ -145,18 +145,18 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 def _send(t: torch.Tensor, dst: int, group: dist.ProcessGroup) -> None:
     """Send a tensor of any shape: header (dtype, ndim, shape), then the data."""
-    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
-    dist.send(torch.tensor([header.numel()]), group=group, group_dst=dst)
+    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64, device=t.device)
+    dist.send(torch.tensor([header.numel()], device=t.device), group=group, group_dst=dst)
     dist.send(header, group=group, group_dst=dst)
     dist.send(t.contiguous(), group=group, group_dst=dst)
 
 
-def _recv(src: int, group: dist.ProcessGroup) -> torch.Tensor:
-    n = torch.zeros(1, dtype=torch.int64)
+def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> torch.Tensor:
+    n = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(n, group=group, group_src=src)
-    header = torch.zeros(int(n), dtype=torch.int64)
+    header = torch.zeros(int(n), dtype=torch.int64, device=device)
     dist.recv(header, group=group, group_src=src)
-    t = torch.empty(*header[2:].tolist(), dtype=_DTYPES[int(header[0])])
+    t = torch.empty(*header[2:].tolist(), dtype=_DTYPES[int(header[0])], device=device)
     dist.recv(t, group=group, group_src=src)
     return t
 

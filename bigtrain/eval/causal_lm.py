@@ -31,7 +31,9 @@ class CausalLMEvaluator:
         dp_size: int = 1,
         dp_group: Any = None,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        device: torch.device | None = None,
     ) -> None:
+        self.device = device or torch.device("cpu")
         self.split, self.seq_len, self.vocab_size, self.batch_size = split, seq_len, vocab_size, batch_size
         self.max_member_bytes = max_member_bytes
         self.max_samples, self.autocast = max_samples, autocast
@@ -48,17 +50,21 @@ class CausalLMEvaluator:
                 self.split, None, self.batch_size, self.dp_rank, self.dp_size, self.max_samples,
                 make_dataset=lambda split, order: TokenBatchDataset(split, order, self.seq_len, self.vocab_size, 0, "skip",
                                                                     self.max_member_bytes),
+                pin_memory=self.device.type == "cuda",
             )
             for batch in batches:
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with self.autocast():
                     out = task(batch)
-                n = float(batch["weight"].sum()) * self.seq_len
+                n = float(batch["weight"].sum()) * self.seq_len  # one host sync per eval batch
                 totals += torch.tensor([float(out["loss"]) * n, float(out["token_acc"]) * n, n, batch["num_samples"],
                                         batch["num_errors"]], dtype=torch.float64)
         finally:
             model.train(was_training)
         if self.dp_size > 1:
+            totals = totals.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(totals, group=self.dp_group)
+            totals = totals.cpu()
         loss = float(totals[0] / totals[2])
         warn_lost(self.split, int(totals[3]), int(totals[4]))
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/token_acc": float(totals[1] / totals[2]),

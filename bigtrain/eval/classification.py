@@ -46,8 +46,10 @@ class ClassificationEvaluator:
         dp_rank: int = 0,
         dp_size: int = 1,
         dp_group: Any = None,
+        device: torch.device | None = None,
     ) -> None:
         self.cfg, self.train_split, self.eval_split = cfg, train_split, eval_split
+        self.device = device or torch.device("cpu")
         self.spec, self.num_classes, self.autocast, self.num_workers = spec, num_classes, autocast, num_workers
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
 
@@ -56,16 +58,16 @@ class ClassificationEvaluator:
         feats, labels, outs, lost = [], [], [], 0
         batches = sequential_batches(
             split, self.spec, self.cfg.batch_size, rank=self.dp_rank, world=self.dp_size, limit=limit,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
         )
         for batch in batches:
             keep = batch["weight"] > 0  # drop substitutes for bad samples
             lost += int(batch["num_errors"])
             with self.autocast():
-                out, f = model(batch["image"], with_features=True)
+                out, f = model(batch["image"].to(self.device, non_blocking=True), with_features=True)
             if logits:
-                outs.append(out.float()[keep])
-            feats.append(f.float()[keep])
+                outs.append(out.float().cpu()[keep])
+            feats.append(f.float().cpu()[keep])
             labels.append(batch["label"][keep])
         result = {"features": torch.cat(feats).numpy(), "labels": torch.cat(labels).numpy(), "lost": np.array([lost])}
         if logits:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from bigtrain.config.schema import OptimConfig
 
@@ -56,13 +57,22 @@ def param_groups(
     return [dict(g, group=k) for k, g in groups.items() if g["params"]]
 
 
+def _implementation(model: nn.Module) -> dict[str, bool]:
+    """CUDA: the fused kernel for plain tensors (one launch for all parameters); DTensor shards keep
+    torch's default (foreach on CUDA). CPU: torch's default."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and all(p.is_cuda and not isinstance(p, DTensor) for p in params):
+        return {"fused": True}
+    return {}
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, no_decay_names: set[str] | None = None, head_names: set[str] | None = None
 ) -> torch.optim.Optimizer:
     head_wd = cfg.weight_decay if cfg.head_weight_decay < 0 else cfg.head_weight_decay
     groups = param_groups(model, cfg.weight_decay, head_wd, cfg.head_lr_mult, no_decay_names, head_names)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **_implementation(model))
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     raise ValueError(f"unknown optimizer {cfg.name!r}")

@@ -1,0 +1,313 @@
+"""GPU check: bigtrain trains, saves and resumes on one CUDA device, and how fast it is there.
+
+``python -m bigtrain.bench.gpu [--out DIR]``  (exit 2 with one line where no CUDA device is present)
+
+1. **Function.** For each model family (the ViT and the Llama LM test configs), train 8 steps
+   on the GPU in bf16 with checkpoints at steps 4 and 8, then resume a copy of the run from the
+   step-4 checkpoint and compare the losses of steps 5-8 with the uninterrupted run's.
+2. **Speed.** Measure the bf16 GEMM peak (8192^3 matmuls) in the same run, then train ViT-B/16
+   (224 px) and a ~1B-parameter Llama (sequence 2048) in bf16 autocast with fp32 master weights,
+   once with bigtrain's training step and once with a plain PyTorch loop (same model, same SDPA
+   attention, eager, no compile, fused AdamW, same batch), on synthetic tensors. Reported: step
+   time, samples (images or tokens) per second, MFU against the measured and the nominal bf16 peak,
+   peak GPU memory. LM FLOPs per token = 6 x non-embedding parameters + 12 x layers x width x
+   sequence (the attention scores and values, forward + backward); ViT FLOPs from its matmul count.
+
+Prints a markdown table and writes ``gpu_check.json`` into ``--out``. ``--device cpu --tiny``
+runs the same code paths on the CPU with tiny models (what the test suite does).
+Multi-GPU (NCCL) layouts cannot be checked with one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = {  # family: (config, data overrides)
+    "vit": ("configs/vit/digits_test.yaml", []),
+    "llama": ("configs/llm/stdlib_test.yaml", []),
+}
+NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+# --- 1. function: train, save, resume on the device --------------------------------------------------
+def _train(config: str, run: Path, data: Path, device: str, dtype: str) -> tuple[int, str]:
+    args = [sys.executable, "-m", "bigtrain", "train", config, f"run.dir={run}", f"data.dir={data}",
+            "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=0", "eval.every_steps=0",
+            "eval.fewshot=false", "schedule.warmup_steps=1", "schedule.cooldown_steps=2", "log.every_steps=1",
+            f"parallel.device={device}", f"train.dtype={dtype}"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
+    return proc.returncode, proc.stderr
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def function_check(work: Path, device: str, dtype: str) -> list[dict[str, Any]]:
+    rows = []
+    for family, (config, _) in FAMILIES.items():
+        data, run, again = work / f"data-{family}", work / f"run-{family}", work / f"resume-{family}"
+        t0 = time.perf_counter()
+        rc, err = _train(config, run, data, device, dtype)
+        row: dict[str, Any] = {"family": family, "trained": rc == 0, "seconds": round(time.perf_counter() - t0, 1)}
+        if rc == 0:
+            shutil.copytree(run, again)
+            shutil.rmtree(again / "checkpoints" / "step_00000008")
+            rc, err = _train(config, again, data, device, dtype)
+            ref, got = _losses(run), _losses(again)
+            diff = max(abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-12) for s in range(5, 9)) if rc == 0 else float("nan")
+            row.update(resumed=rc == 0 and "resumed from" in err, max_rel_loss_diff=diff, equal=diff == 0.0,
+                       final_loss=ref.get(8))
+        if rc != 0:
+            row["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
+        rows.append(row)
+    return rows
+
+
+# --- 2. speed -----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int = 20) -> float:
+    """Best FLOP/s of n x n x n matmuls (after warm-up)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _cfg(family: str, tiny: bool, device: str, dtype: str) -> Any:
+    from bigtrain.config import load_config
+
+    common = [f"parallel.device={device}", f"train.dtype={dtype}", "optim.grad_clip_norm=1.0", "schedule.warmup_steps=0",
+              "schedule.cooldown_steps=0", "schedule.decay=constant", "train.steps=1000", "model.dropout=0.0",
+              "train.micro_batch_size=0"] if family == "vit" else [
+              f"parallel.device={device}", f"train.dtype={dtype}", "schedule.warmup_steps=0", "schedule.decay=cosine",
+              "train.steps=1000", "train.micro_batch_size=0"]
+    if family == "vit":
+        size = ["model.variant=Ti", "model.image_size=32", "data.image_size=32", "model.patch_size=8",
+                "train.global_batch_size=8"] if tiny else [
+                "model.variant=B", "model.image_size=224", "data.image_size=224", "model.patch_size=16",
+                "train.global_batch_size=128"]
+        return load_config(ROOT / FAMILIES["vit"][0], [*common, *size, "model.in_channels=3", "data.channels=3",
+                                                       "model.num_classes=1000", "model.width=0", "model.depth=0",
+                                                       "model.num_heads=0", "model.mlp_dim=0"])
+    size = ["model.width=64", "model.depth=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=128",
+            "model.vocab_size=512", "model.seq_len=64", "train.global_batch_size=4"] if tiny else [
+            "model.width=2048", "model.depth=16", "model.num_heads=16", "model.num_kv_heads=8", "model.mlp_dim=5632",
+            "model.vocab_size=32000", "model.seq_len=2048", "train.global_batch_size=8"]
+    return load_config(ROOT / FAMILIES["llama"][0], [*common, *size])
+
+
+def _batch(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """One synthetic global batch (pinned host memory on CUDA, copied each step like real data)."""
+    g = torch.Generator().manual_seed(0)
+    b = cfg.train.global_batch_size
+    if cfg.task == "classification":
+        x = {"image": torch.randn(b, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size, generator=g),
+             "label": torch.randint(0, cfg.model.num_classes, (b,), generator=g)}
+    else:
+        x = {"tokens": torch.randint(0, cfg.model.vocab_size, (b, cfg.model.seq_len + 1), generator=g)}
+    x["weight"] = torch.ones(b)
+    if device.type == "cuda":
+        x = {k: v.pin_memory() for k, v in x.items()}
+    return {**x, "num_samples": b, "num_errors": 0, "errors": []}
+
+
+class SyntheticStream:
+    """The trainer's Stream protocol over one repeated synthetic batch."""
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        self.batch, self.consumed_samples = batch, 0
+
+    def next_step(self) -> list[dict[str, Any]]:
+        self.consumed_samples += self.batch["num_samples"]
+        return [self.batch]
+
+    def skip(self, n: int) -> None:
+        self.consumed_samples += n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def flops_per_sample(model: torch.nn.Module, cfg: Any) -> float:
+    """ViT: its matmul count. LM: (6 N + 12 L d T) per token x T tokens, N = non-embedding parameters."""
+    if cfg.task == "classification":
+        return float(model.train_flops_per_sample())
+    m = cfg.model
+    embedding = m.vocab_size * m.width * 2  # token embedding + untied LM head
+    n = sum(p.numel() for p in model.parameters()) - embedding
+    return float((6 * n + 12 * m.depth * m.width * m.seq_len) * m.seq_len)
+
+
+def _time_steps(step: Any, device: torch.device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def plain_loop(cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    """Eager PyTorch: same model and objective, fused AdamW, bf16 autocast, grad clipping."""
+    from bigtrain.recipes import build_model, make_task
+
+    model = build_model(cfg).to(device)
+    task = make_task(cfg, model)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
+    batch = _batch(cfg, device)
+    bf16 = cfg.train.dtype == "bfloat16"
+
+    def step() -> None:
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = task(b)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+        opt.step()
+
+    return _measure(step, model, cfg, device, warmup, steps)
+
+
+def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work: Path) -> dict[str, Any]:
+    """bigtrain's own training step (Trainer.train_step) built by its recipes, on a synthetic stream."""
+    from bigtrain.checkpoint import Checkpointer
+    from bigtrain.distributed import ParallelState
+    from bigtrain.optim import LRSchedule, build_optimizer
+    from bigtrain.recipes import build_model, make_task, parallelize, schedule_spec
+    from bigtrain.trainer import Trainer
+
+    ps = ParallelState.create(cfg.parallel)
+    with torch.device("meta"):
+        full = build_model(cfg)
+    model = parallelize(build_model(cfg).to(ps.device), cfg, ps, None)
+    task = make_task(cfg, model)
+    optimizer = build_optimizer(model, cfg.optim, full.no_weight_decay(), full.head_param_names())
+    schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
+    trainer = Trainer(cfg, model, task, optimizer, schedule, SyntheticStream(_batch(cfg, device)),
+                      Checkpointer(str(work / "bigtrain-speed")), parallel=ps)
+    return _measure(trainer.train_step, model, cfg, device, warmup, steps)
+
+
+def _measure(step: Any, model: torch.nn.Module, cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = _time_steps(step, device, warmup, steps)
+    t = statistics.median(times)
+    flops = flops_per_sample(model, cfg) * cfg.train.global_batch_size
+    per_sample = cfg.model.seq_len if cfg.task == "causal_lm" else 1
+    out = {"step_s": t, "best_step_s": min(times), "items_per_s": cfg.train.global_batch_size * per_sample / t,
+           "model_flops_per_s": flops / t}
+    if device.type == "cuda":
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def speed_check(device: torch.device, tiny: bool, dtype: str, work: Path) -> dict[str, Any]:
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    peak = gemm_peak(device, tdtype, 256 if tiny else 8192)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None) if dtype == "bfloat16" else None
+    rows = []
+    warmup, steps = (1, 2) if tiny else (3, 10)
+    for family, label in (("vit", "ViT-B/16 224px"), ("llama", "Llama ~1B seq 2048")):
+        cfg = _cfg(family, tiny, device.type, dtype)
+        for impl, fn in (("plain PyTorch (eager)", lambda: plain_loop(cfg, device, warmup, steps)),
+                         ("bigtrain", lambda: bigtrain_loop(cfg, device, warmup, steps, work))):
+            r = fn()
+            r.update(model=label if not tiny else f"{family} (tiny)", impl=impl, mfu=r["model_flops_per_s"] / peak,
+                     mfu_nominal=r["model_flops_per_s"] / nominal if nominal else None)
+            rows.append(r)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for family_rows in (rows[0:2], rows[2:4]):
+        family_rows[1]["speedup_vs_plain"] = family_rows[0]["step_s"] / family_rows[1]["step_s"]
+    return {"device": name, "gemm_peak_flops": peak, "nominal_peak_flops": nominal, "rows": rows}
+
+
+def table(function: list[dict[str, Any]], speed: dict[str, Any]) -> str:
+    lines = [f"# {speed['device']}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; measured GEMM peak "
+             f"{speed['gemm_peak_flops'] / 1e12:.1f} TFLOP/s"
+             + (f", nominal {speed['nominal_peak_flops'] / 1e12:.0f}" if speed["nominal_peak_flops"] else ""),
+             "", "| family | trained 8 steps | resumed from step 4 | max rel. loss diff, steps 5-8 |", "|---|---|---|---|"]
+    for r in function:
+        lines.append(f"| {r['family']} | {r['trained']} | {r.get('resumed', False)} | {r.get('max_rel_loss_diff', 'n/a')} |"
+                     + (f" {r['error']}" if "error" in r else ""))
+    lines += ["", "| model | loop | step (s) | items/s | MFU (measured peak) | MFU (nominal) | peak mem (GB) | vs plain |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in speed["rows"]:
+        nominal = f"{r['mfu_nominal']:.1%}" if r.get("mfu_nominal") else "n/a"
+        mem = f"{r['peak_allocated_gb']:.1f}" if "peak_allocated_gb" in r else "n/a"
+        vs = f"{r['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in r else ""
+        lines.append(f"| {r['model']} | {r['impl']} | {r['step_s']:.4f} | {r['items_per_s']:.0f} | {r['mfu']:.1%} | {nominal} "
+                     f"| {mem} | {vs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".", help="directory for gpu_check.json")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny models and steps (the CPU smoke test)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device: python -m bigtrain.bench.gpu needs one NVIDIA GPU "
+              "(--device cpu --tiny runs the same code paths on the CPU)", file=sys.stderr)
+        return 2
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    work = Path(tempfile.mkdtemp(prefix="bigtrain-gpu-"))
+    try:
+        function = function_check(work, args.device, dtype)
+        speed = speed_check(torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"),
+                            args.tiny, dtype, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(function, speed))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump({"function": function, "speed": speed, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+                  f, indent=1, default=str)
+    return 0 if all(r["trained"] and r.get("resumed") for r in function) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
