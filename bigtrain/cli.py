@@ -64,8 +64,11 @@ def cmd_train(argv: list[str]) -> int:
     from bigtrain.distributed import ParallelState
     from bigtrain.metrics import setup_logging
 
+    from bigtrain.optim import get_optimizer
+
     path, overrides = _split_args(argv, "train")
     cfg = load_config(path, overrides)  # all validation happens before any work
+    get_optimizer(cfg.optim.name)  # the layout is checked against its capabilities once the degrees are known
     for key, ckpt in (("resume", cfg.resume), ("init", cfg.init)):  # a named checkpoint that cannot load fails now
         if ckpt and ckpt not in ("auto", "never"):
             _checked(key, ckpt, check_loadable)

@@ -24,7 +24,7 @@ from bigtrain.eval import ClassificationEvaluator
 from bigtrain.eval.causal_lm import CausalLMEvaluator
 from bigtrain.models.causal_lm import CausalLM, llama_config
 from bigtrain.models.vit import ViT, ViTArgs
-from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer
+from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer, check_optimizer
 from bigtrain.tasks import CausalLMTask, ClassificationTask
 from bigtrain.trainer import Trainer
 from data_pipeline import DataError, GlobalOrder, ImageBatchDataset, ImageSpec, SplitInfo, TrainStream, load_split
@@ -165,6 +165,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     if ps.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     micro = micro_batch_size(cfg, dp_size=ps.dp)
+    check_optimizer(cfg.optim.name, ps.tp, cfg.parallel.zero, ps.dp)  # an impossible layout fails before any work
     if ps.rank == 0:
         ensure_data(cfg)
     ps.barrier()  # other ranks read the shards rank 0 may just have written

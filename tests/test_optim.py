@@ -100,3 +100,33 @@ def test_schedule_state_roundtrip() -> None:
     b = LRSchedule(build_optimizer(model, OptimConfig(lr=1.0)), 1.0, spec)
     b.load_state_dict(a.state_dict())
     assert b.lr == a.lr == pytest.approx(lr_factor(spec, 7))
+
+
+def test_optimizer_registry_capabilities_and_a_user_optimizer(tiny_cfg) -> None:
+    """An optimizer registered from outside bigtrain trains through the public entry points; a layout
+    its declared capabilities exclude is refused before any work, naming the keys."""
+    import pytest
+    import torch
+
+    from bigtrain.config import ConfigError
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.optim import OPTIMIZERS, OptimizerSpec, check_optimizer, register_optimizer
+    from bigtrain.recipes import build_trainer
+
+    spec = register_optimizer(OptimizerSpec(
+        "test_rmsprop", lambda groups, cfg, model: torch.optim.RMSprop(groups, lr=cfg.lr), dtensor=False, tp=False,
+    ))
+    try:
+        check_optimizer("test_rmsprop", tp=1, zero=0, dp=2)
+        check_optimizer("test_rmsprop", tp=1, zero=1, dp=2)
+        with pytest.raises(ConfigError, match="parallel.tp=2"):
+            check_optimizer("test_rmsprop", tp=2, zero=0, dp=1)
+        with pytest.raises(ConfigError, match="parallel.zero=3"):
+            check_optimizer("test_rmsprop", tp=1, zero=3, dp=2)
+        cfg = tiny_cfg("optim.name=test_rmsprop", "train.steps=3", "schedule.cooldown_steps=1", "eval.every_steps=0",
+                       "eval.fewshot=false", "checkpoint.every_steps=0", "checkpoint.save_final=false")
+        trainer = build_trainer(cfg)
+        assert isinstance(trainer.optimizer, torch.optim.RMSprop)
+        assert trainer.fit(MetricsLogger(cfg.run.dir, True)) == 0
+    finally:
+        OPTIMIZERS.pop(spec.name)

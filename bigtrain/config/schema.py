@@ -114,7 +114,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = doc("adamw", "Optimizer.")
+    name: str = doc("adamw", "Optimizer, by its registered name (built in: adamw, sgd; see bigtrain.optim.register_optimizer).")
     lr: float = doc(1e-3, "Peak learning rate.", ge=0)
     beta1: float = doc(0.9, "Adam beta1 / SGD momentum.")
     beta2: float = doc(0.999, "Adam beta2.")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from bigtrain.config import ConfigError
 from bigtrain.config.schema import OptimConfig
 
 
@@ -66,13 +69,72 @@ def _implementation(model: nn.Module) -> dict[str, bool]:
     return {}
 
 
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer bigtrain can build, and the sharding it is correct under.
+
+    ``build(groups, cfg, model)`` gets the parameter groups (each with ``weight_decay`` and
+    ``lr_mult``), the ``optim.*`` section and the (parallelized) model. The capabilities say
+    which layouts keep its update identical to one process:
+
+    * ``dtensor``: it steps DTensor parameters (FSDP2 shards for ZeRO-2/3, TP shards);
+    * ``zero1``: its state is per parameter, so bigtrain's ZeRO-1 (each dp rank steps the
+      parameters it owns, then broadcasts them) changes nothing;
+    * ``tp``: its update is elementwise, so a TP shard's update equals that slice of the
+      full update (a factored or matrix-wise optimizer needs the whole matrix: no TP).
+    """
+
+    name: str
+    build: Callable[[list[dict[str, Any]], OptimConfig, nn.Module], torch.optim.Optimizer]
+    dtensor: bool = True
+    zero1: bool = True
+    tp: bool = True
+    doc: str = ""
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add (or replace) an optimizer under ``spec.name`` (``optim.name`` selects it)."""
+    OPTIMIZERS[spec.name] = spec
+    return spec
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    spec = OPTIMIZERS.get(name)
+    if spec is None:
+        raise ConfigError(f"config key 'optim.name': unknown optimizer {name!r} (registered: {', '.join(sorted(OPTIMIZERS))})")
+    return spec
+
+
+def check_optimizer(name: str, tp: int, zero: int, dp: int) -> None:
+    """Refuse, before any work, a layout the optimizer is not correct under (names the keys)."""
+    spec = get_optimizer(name)
+    if tp > 1 and not spec.tp:
+        raise ConfigError(f"optim.name={name} needs whole weight matrices: it does not work with parallel.tp={tp}")
+    if zero >= 2 and not spec.dtensor:
+        raise ConfigError(f"optim.name={name} cannot step sharded (DTensor) parameters: it does not work with "
+                          f"parallel.zero={zero}; use parallel.zero=0 or 1")
+    if zero == 1 and dp > 1 and not spec.zero1:
+        raise ConfigError(f"optim.name={name} does not support parallel.zero=1 partitioning; use parallel.zero=0")
+
+
+register_optimizer(OptimizerSpec(
+    "adamw",
+    lambda groups, cfg, model: torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                                 **_implementation(model)),
+    doc="AdamW (decoupled weight decay); elementwise, so every layout is exact.",
+))
+register_optimizer(OptimizerSpec(
+    "sgd", lambda groups, cfg, model: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1),
+    doc="SGD with momentum optim.beta1; elementwise.",
+))
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, no_decay_names: set[str] | None = None, head_names: set[str] | None = None
 ) -> torch.optim.Optimizer:
     head_wd = cfg.weight_decay if cfg.head_weight_decay < 0 else cfg.head_weight_decay
     groups = param_groups(model, cfg.weight_decay, head_wd, cfg.head_lr_mult, no_decay_names, head_names)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **_implementation(model))
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+    return get_optimizer(cfg.name).build(groups, cfg, model)
