@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bigtrain.checkpoint import Checkpointer
+from bigtrain.components import EMA
 from bigtrain.distributed import LaunchEnv, ParallelState
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
@@ -207,7 +208,9 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         group=ps.side_group(), config_text=dump_yaml(cfg), write_threads=cfg.checkpoint.write_threads,
         keep_aside=cfg.checkpoint.keep_aside, allow_changes=cfg.resume_allow_changes,
     )
-    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline)
+    components = [EMA(model, cfg.ema.decay, cfg.ema.eval)] if cfg.ema.decay > 0 else []
+    trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline,
+                      components=components)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)
     flops = train_flops_per_sample(full, cfg)
     log.info(

@@ -32,6 +32,7 @@ from bigtrain.checkpoint import (
     RNGState,
     ScalarState,
 )
+from bigtrain.components.base import CORE_KEYS, TrainComponent
 from bigtrain.config.schema import Config
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
@@ -88,7 +89,7 @@ class TrainerState:
     samples_seen: int = 0
     skipped_steps: int = 0  # steps whose loss or gradient norm was not finite
     data_skipped: int = 0  # bad samples replaced by weight-0 substitutes, summed over dp ranks
-    best_eval: float = field(default=-math.inf)
+    best_eval: float = field(default=-math.inf)  # best value of the evaluator's best_metric (negated if lower is better)
     train_seconds: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class Trainer:
         dp: DataParallel | None = None,
         pipeline: Pipeline | None = None,
         samples_per_step: int | None = None,
+        components: list[TrainComponent] | None = None,
     ) -> None:
         self.cfg, self.model, self.task = cfg, model, task
         self.optimizer, self.schedule, self.stream = optimizer, schedule, stream
@@ -122,6 +124,10 @@ class Trainer:
         self.rank = self.ps.rank
         self.dp = dp or DataParallel([model], self.ps, zero=0)
         self.pipeline = pipeline
+        self.components = list(components or [])
+        for c in self.components:
+            if c.name in CORE_KEYS or sum(o.name == c.name for o in self.components) > 1:
+                raise ValueError(f"training component name {c.name!r} collides with another checkpoint key")
         # what evaluation runs: the model, or under PP the whole pipeline as one module
         self.eval_model: nn.Module = task.model if pipeline is not None else model
         self.samples_per_step = samples_per_step or cfg.train.global_batch_size
@@ -147,6 +153,7 @@ class Trainer:
             "dataloader": ScalarState(self.stream),
             "trainer": ScalarState(self.state),
             "rng": RNGState(self.rank),
+            **{c.name: state for c in self.components if (state := c.stateful()) is not None},
         }
 
     def maybe_resume(self) -> int | None:
@@ -182,6 +189,9 @@ class Trainer:
     def _after_load(self, path: str, meta: dict[str, Any]) -> None:
         self.schedule.apply()  # group LRs follow the restored schedule step, whatever the load order
         self.dp.drop_foreign_state(self.optimizer)
+        for component in self.components:
+            if component.name in meta.get("absent_keys", ()):  # added since the checkpoint: start from its model
+                getattr(component, "on_absent_state", lambda: None)()
         self._committed_step = self.state.step
         self._last_save_t = time.monotonic()
         if meta["step"] != self.state.step:
@@ -256,6 +266,8 @@ class Trainer:
         verdict = self.guard.check(logs.get("loss", 0.0), grad_norm)
         if verdict.action == "ok":
             self.dp.step(self.optimizer)
+            for component in self.components:  # parameters are final on every rank here
+                component.after_optimizer_step(self.state.step + 1)
         else:  # a non-finite or exploding update would damage the weights: skip it and count
             self.state.skipped_steps += 1
             log.warning("step %d: %s, update skipped", self.state.step, verdict.reason)
@@ -309,12 +321,17 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         faults.in_evaluate(self.state.step, self.rank)
-        results = self.evaluator(self.eval_model)
+        with contextlib.ExitStack() as stack:
+            for component in self.components:  # e.g. EMA weights swapped in
+                stack.enter_context(component.evaluation())
+            results = self.evaluator(self.eval_model)
         results["eval/seconds"] = time.perf_counter() - t0
         self.last_eval = results
-        top1 = results.get("eval/top1")
-        if top1 is not None:
-            self.state.best_eval = max(self.state.best_eval, top1)
+        # the evaluator says which metric defines "best" and whether higher is better
+        metric, higher = getattr(self.evaluator, "best_metric", ("", True))
+        if metric in results:
+            sign = 1.0 if higher else -1.0
+            self.state.best_eval = max(self.state.best_eval, sign * results[metric])
         self._log({"step": self.state.step, "kind": "eval", **results})
         log.info("eval @ step %d: %s", self.state.step, {k: round(v, 4) for k, v in results.items()})
         return results

@@ -556,12 +556,13 @@ class Checkpointer:
         if check_config:
             self.check_config(path)
         saved_keys = set(read_metadata_file(os.path.join(path, METADATA_FILE)).state_dict_metadata)
-        keep = {}
+        keep, absent = {}, []
         for key, obj in state.items():
             if isinstance(obj, RNGState) and not any(k.startswith(f"{key}.{obj.key}.") for k in saved_keys):
                 log.warning("checkpoint %s has no RNG state for %s (saved on fewer ranks): keeping this rank's seed", path, obj.key)
             elif key not in STRICT_KEYS and not any(k.startswith(key + ".") for k in saved_keys):
                 log.warning("checkpoint %s has no '%s' state (added since it was saved): keeping the fresh one", path, key)
+                absent.append(key)
             else:
                 keep[key] = obj
         planner = StrictLoadPlanner(tuple(k for k in STRICT_KEYS if k in keep))
@@ -576,7 +577,7 @@ class Checkpointer:
             # checksums passed, so the bytes are what was saved: a failure means the state does not fit
             kind = IncompatibleCheckpoint if meta.get("format", 1) >= 2 else CorruptCheckpoint
             raise kind(f"{path} does not load into this run: {_reason(exc)}") from None
-        return meta
+        return {**meta, "absent_keys": absent}
 
     def restore_latest(self, state: dict[str, Stateful], check_config: bool = False) -> tuple[str, dict[str, Any]] | None:
         """``resume=auto`` and rollback: the newest candidate that verifies and loads; None if there

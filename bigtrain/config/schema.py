@@ -168,6 +168,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = doc(
+        0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.9999; checkpoint key "
+        "'ema'); 0 = off.", ge=0, le=0.999999,
+    )
+    eval: bool = doc(True, "Evaluate with the EMA weights (swapped in for the evaluation) instead of the raw ones.")
+
+
+@dataclass
 class LogConfig:
     every_steps: int = doc(10, "Write a training record to metrics.jsonl every N steps.", gt=0)
     progress: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto = only when stderr is a terminal.")
@@ -216,6 +225,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
+    ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA of the weights (a training component)."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallel layout."})
     task: Literal["classification", "causal_lm"] = doc("classification", "Training objective (must suit model.name).")
     resume: str = doc(

@@ -19,6 +19,8 @@ from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES
 
 
 class CausalLMEvaluator:
+    best_metric = ("eval/loss", False)
+
     def __init__(
         self,
         split: SplitInfo,

@@ -28,6 +28,8 @@ def warn_lost(split: SplitInfo, kept: int, lost: int) -> None:
 
 
 class ClassificationEvaluator:
+    best_metric = ("eval/top1", True)  # (metric that defines "best", higher is better)
+
     """``evaluator(model)`` -> ``{"eval/top1", "eval/loss", "eval/fewshot_{k}shot_top1", ...}``.
 
     The model's forward must accept ``with_features=True`` and return
