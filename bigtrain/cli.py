@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from dataclasses import asdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -62,7 +60,6 @@ def cmd_train(argv: list[str]) -> int:
     from bigtrain.checkpoint import check_loadable
     from bigtrain.checkpoint.manager import check_resume_config
     from bigtrain.distributed import ParallelState
-    from bigtrain.metrics import setup_logging
 
     from bigtrain.optim import get_optimizer
 
@@ -75,7 +72,6 @@ def cmd_train(argv: list[str]) -> int:
     if cfg.resume not in ("auto", "never"):
         _checked("resume", cfg.resume, lambda p: check_resume_config(p, dump_yaml(cfg), cfg.resume_allow_changes))
     ps = ParallelState.create(cfg.parallel)  # validates the layout before initialising anything
-    setup_logging(ps.rank)
     try:
         return _train(cfg, ps)
     finally:
@@ -92,27 +88,18 @@ def _checked(key: str, path: str, check: Callable[[str], object]) -> None:
 
 
 def _train(cfg: Config, ps: ParallelState) -> int:
-    from bigtrain.metrics import MetricsLogger
-    from bigtrain.recipes import build_trainer
+    from bigtrain.run import prepare_run
 
-    trainer = build_trainer(cfg, ps)
-    if ps.rank == 0:
-        os.makedirs(cfg.run.dir, exist_ok=True)
-        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
-            f.write(f"# resolved config, written {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + dump_yaml(cfg))
-    resumed = trainer.maybe_resume()
-    metrics = MetricsLogger(cfg.run.dir, ps.rank == 0, resume_step=resumed)
-    if cfg.log.wandb:
-        name = cfg.run.name or os.path.basename(os.path.normpath(cfg.run.dir))
-        metrics.enable_wandb(cfg.log.wandb_project, name, asdict(cfg), cfg.run.dir)
+    run = prepare_run(cfg, ps)
+    assert run.metrics is not None
     try:
-        status = trainer.fit(metrics)
+        status = run.trainer.fit(run.metrics)
     except FinalEvalFailed:
-        _write_results(cfg, trainer, EXIT_EVAL_FAILED, ps.rank)
+        _write_results(cfg, run.trainer, EXIT_EVAL_FAILED, ps.rank)
         raise
     finally:
-        metrics.close()
-    _write_results(cfg, trainer, status, ps.rank)
+        run.close()
+    _write_results(cfg, run.trainer, status, ps.rank)
     return status
 
 
@@ -130,15 +117,12 @@ def _write_results(cfg: Config, trainer: Trainer, status: int, rank: int) -> Non
 
 def cmd_eval(argv: list[str]) -> int:
     from bigtrain.checkpoint import CheckpointError
-    from bigtrain.distributed import ParallelState
-    from bigtrain.metrics import setup_logging
-    from bigtrain.recipes import build_trainer
+    from bigtrain.run import prepare_run
 
     path, overrides = _split_args(argv, "eval")
     cfg = load_config(path, overrides)
-    ps = ParallelState.create(cfg.parallel)
-    setup_logging(ps.rank)
-    trainer = build_trainer(cfg, ps)
+    run = prepare_run(cfg, training=False)
+    trainer, ps = run.trainer, run.ps
     ck = trainer.checkpointer
     ckpt = ck.agreed(ck.latest) if cfg.resume in ("auto", "never") else ck.resolve(cfg.resume)
     if ckpt is None:

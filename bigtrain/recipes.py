@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigtrain.config.batching import plan_batches
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.components import EMA
 from bigtrain.distributed import LaunchEnv, ParallelState
@@ -142,22 +143,6 @@ def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
     return train, evals
 
 
-def micro_batch_size(cfg: Config, dp_size: int) -> int:
-    per_rank, rem = divmod(cfg.train.global_batch_size, dp_size)
-    if rem:
-        raise ConfigError(
-            f"config key 'train.global_batch_size' ({cfg.train.global_batch_size}) is not divisible by the "
-            f"data-parallel size {dp_size}"
-        )
-    micro = cfg.train.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ConfigError(
-            f"config key 'train.micro_batch_size' ({micro}) does not divide the per-rank batch {per_rank} "
-            f"(global {cfg.train.global_batch_size} / dp {dp_size})"
-        )
-    return micro
-
-
 def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     """Everything a run needs, on this rank's part of the mesh (single process when ``ps`` is None)."""
     ps = ps or ParallelState.create(cfg.parallel, LaunchEnv())
@@ -165,7 +150,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         torch.set_num_threads(cfg.train.num_threads)
     if ps.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    micro = micro_batch_size(cfg, dp_size=ps.dp)
+    batches = plan_batches(cfg, ps.dp, ps.pp)
     check_optimizer(cfg.optim.name, ps.tp, cfg.parallel.zero, ps.dp)  # an impossible layout fails before any work
     if ps.rank == 0:
         ensure_data(cfg)
@@ -183,10 +168,9 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
             stage.prune_for_stage(blocks, first, last)
             return parallelize(stage.to(ps.device), cfg, ps, param_dtype)
 
-        local = cfg.train.global_batch_size // ps.dp
         pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
-                            pipeline_microbatches(cfg, local, ps.pp))
-        parts, micro = pipeline.parts, local  # the schedule splits the local batch itself
+                            batches.pipeline_microbatches)
+        parts = pipeline.parts  # the schedule splits the per-rank batch itself
         task.model = PipelineModel(pipeline)
     else:
         # initialised on the CPU from the seed (the same numbers on any device), then moved
@@ -198,7 +182,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     optimizer = build_optimizer(model, cfg.optim, full.no_weight_decay(), full.head_param_names())
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     stream = TrainStream(
-        train_dataset(cfg, train_split), cfg.train.global_batch_size, micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
+        train_dataset(cfg, train_split), batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
         error_budget_min_samples=cfg.data.error_budget_min_samples, pin_memory=ps.device.type == "cuda",
@@ -230,15 +214,3 @@ def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
 def schedule_spec(cfg: Config) -> ScheduleSpec:
     s = cfg.schedule
     return ScheduleSpec(cfg.train.steps, s.warmup_steps, s.decay, s.rsqrt_timescale, s.cooldown_steps, s.final_lr_ratio)
-
-
-def pipeline_microbatches(cfg: Config, local_batch: int, pp: int) -> int:
-    """Pipeline micro-batches per step: parallel.microbatches, else per-rank batch /
-    train.micro_batch_size, else pp (the fewest that keep every stage busy)."""
-    mbs = cfg.train.micro_batch_size
-    n = cfg.parallel.microbatches or (local_batch // mbs if mbs else pp)
-    if local_batch % n:
-        raise ConfigError(
-            f"config key 'parallel.microbatches' ({n}) does not divide the per-rank batch {local_batch}"
-        )
-    return n

@@ -5,6 +5,8 @@ import pytest
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
 from bigtrain.config.core import from_dict
 
+from conftest import ROOT
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
@@ -94,3 +96,22 @@ def test_describe_shows_bounds_and_the_documented_exit_code() -> None:
     assert rows["log.every_steps"].endswith("[> 0]")
     assert rows["data.max_error_fraction"].endswith("[>= 0, <= 1]")
     assert "exit 3" in rows["train.max_rollbacks"], "the code exits 3 when rollbacks are exhausted"
+
+
+def test_batch_plan_is_the_one_place_batches_are_divided() -> None:
+    from bigtrain.config.batching import plan_batches
+
+    cfg = load_config(ROOT / "configs" / "vit" / "digits_test.yaml")  # global 32, micro 16
+    assert plan_batches(cfg, dp=2) == plan_batches(cfg, dp=2, pp=1)
+    p = plan_batches(cfg, dp=2)
+    assert (p.per_rank, p.micro, p.accum_steps, p.pipeline_microbatches) == (16, 16, 1, 0)
+    p = plan_batches(cfg, dp=1, pp=2)
+    assert (p.per_rank, p.micro, p.accum_steps, p.pipeline_microbatches) == (32, 32, 1, 2)
+    with pytest.raises(ConfigError, match="not divisible by the data-parallel size 3"):
+        plan_batches(cfg, dp=3)
+    with pytest.raises(ConfigError, match="'train.micro_batch_size' \\(16\\) does not divide the per-rank batch 8"):
+        plan_batches(cfg, dp=4)
+    zbv = load_config(ROOT / "configs" / "vit" / "digits_test.yaml", ["parallel.pp_schedule=zbv", "parallel.microbatches=3",
+                                                                       "train.global_batch_size=36", "train.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="zbv needs pipeline micro-batches \\(3\\) divisible by parallel.pp=2"):
+        plan_batches(zbv, dp=1, pp=2)

@@ -56,7 +56,7 @@ def reference(request: pytest.FixtureRequest, digits_dir: str, lm_data_dir: str,
     work = tmp_path_factory.mktemp(f"parity-{model}")
     ref = work / "ref.pt"
     subprocess.run(
-        [sys.executable, "-m", "bigtrain.distributed.parity", "--config", str(MODELS[model][0]),
+        [sys.executable, "-m", "bigtrain.tools.parity", "--config", str(MODELS[model][0]),
          *_overrides(model, data_dir), "--workdir", str(work), "--reference", str(ref)],
         check=True, env=_env(), cwd=ROOT, timeout=300, capture_output=True,
     )
@@ -68,7 +68,7 @@ def run_layouts(reference: tuple, nproc: int, layouts: list[list[str]], tmp_path
     out = tmp_path / "results.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-        "-m", "bigtrain.distributed.parity", "--config", str(MODELS[model][0]), *_overrides(model, data_dir),
+        "-m", "bigtrain.tools.parity", "--config", str(MODELS[model][0]), *_overrides(model, data_dir),
         "--workdir", str(tmp_path), "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts),
     ]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, timeout=900, capture_output=True, text=True)

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from bigtrain.bench.parallel import MODELS
     from bigtrain.config import load_config
     from bigtrain.optim import build_optimizer
-    from bigtrain.recipes import build_model, build_trainer, load_splits, make_task, train_dataset
+    from bigtrain.recipes import build_model, load_splits, make_task, train_dataset
+    from bigtrain.run import prepare_run
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="vit")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, [*common, f"data.dir={tmp}/data", f"run.dir={tmp}/run", "resume=never",
                                    f"train.steps={2 * args.steps + 10}", "schedule.warmup_steps=1",
                                    "schedule.cooldown_steps=0"])
-        trainer = build_trainer(cfg)
+        trainer = prepare_run(cfg, training=False).trainer
         model = build_model(cfg)
         task, optimizer = make_task(cfg, model), build_optimizer(model, cfg.optim)
         dataset = train_dataset(cfg, load_splits(cfg)[0])

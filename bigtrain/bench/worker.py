@@ -33,10 +33,9 @@ def peak_rss_mib() -> float:
 
 
 def run_bigtrain(cfg: Any, steps: int) -> tuple[list[float], list[float]]:
-    from bigtrain.distributed import LaunchEnv, ParallelState
-    from bigtrain.recipes import build_trainer
+    from bigtrain.run import prepare_run
 
-    trainer = build_trainer(cfg, ParallelState.create(cfg.parallel, LaunchEnv.detect()))
+    trainer = prepare_run(cfg, training=False).trainer
     times, losses = [], []
     for _ in range(steps):
         t0 = time.perf_counter()

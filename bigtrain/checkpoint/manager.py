@@ -367,7 +367,7 @@ class Checkpointer:
             thread.join()
         self._deletions.clear()
         if self.pending is not None:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception, CheckpointException):
                 self.pending.future.result()  # the failure, if any, is raised by commit_pending
             self.barrier()
             self.commit_pending()
@@ -401,14 +401,17 @@ class Checkpointer:
         if problems:  # never prune the previous checkpoints for one that is not all there
             self._move_aside(final, "corrupt")
             raise CorruptCheckpoint(f"{final} failed its check right after the save: {problems[0]}")
-        self._prune()
+        try:  # the new checkpoint is published: a failure to clean up older ones must not unsay that
+            self._prune()
+        except OSError as exc:
+            log.warning("pruning old checkpoints failed (%s); they stay until the next save", exc)
 
     # --- retention and moving aside -----------------------------------------------------------------
     def _delete(self, step: int, path: str) -> None:
         """Rename first, then remove in a background thread: a crash mid-way leaves a '.deleting_'
         directory (removed later), never a half-deleted checkpoint under a step name, and the
         removal of gigabytes is off the save's critical path (``wait`` joins it)."""
-        doomed = os.path.join(os.path.dirname(path), ".deleting_" + os.path.basename(path))
+        doomed = os.path.join(os.path.dirname(path), f".deleting_{os.path.basename(path)}.{uuid.uuid4().hex[:6]}")
         os.rename(path, doomed)
         faults.maybe_kill("kill_in_prune", step, self.rank)
         thread = threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, daemon=True)

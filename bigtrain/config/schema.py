@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bigtrain.config.batching import plan_batches
 from bigtrain.config.core import ConfigError, all_keys, doc
 
 
@@ -246,12 +247,8 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks that need more than one section (single-key bounds live in the schema)."""
-        t, m = self.train, self.model
-        if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(
-                f"config key 'train.global_batch_size' ({t.global_batch_size}) is not divisible by "
-                f"'train.micro_batch_size' ({t.micro_batch_size})"
-            )
+        m = self.model
+        plan_batches(self)  # the one place batch divisibility is checked (dp = pp = 1 here)
         expected_task = {"vit": "classification", "llama": "causal_lm"}[m.name]
         if self.task != expected_task:
             raise ConfigError(f"config key 'task' ({self.task}) does not suit model.name={m.name}; use task={expected_task}")

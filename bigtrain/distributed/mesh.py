@@ -211,5 +211,11 @@ class ParallelState:
         return self.rank == 0
 
     def destroy(self) -> None:
+        """Leave together: every rank waits for the others (rank 0 may still be writing results)
+        before the groups are torn down, so no rank exits while a peer still talks to it."""
         if dist.is_initialized():
+            try:
+                dist.barrier()
+            except Exception:  # a peer already failed: tear down anyway
+                pass
             dist.destroy_process_group()

@@ -87,10 +87,6 @@ class Pipeline:
         self.ps = ps
         v = stages_per_rank(cfg)
         self.num_stages = ps.pp * v
-        if cfg.pp_schedule in MULTI and n_microbatches % ps.pp:
-            raise ConfigError(
-                f"{cfg.pp_schedule} needs pipeline micro-batches ({n_microbatches}) divisible by parallel.pp={ps.pp}"
-            )
         layout = split_blocks(block_names, self.num_stages, cfg.pp_split)
         self.stage_ids = rank_stage_ids(ps.pp_rank, ps.pp, v, cfg.pp_schedule)
         # pp-group rank holding each stage

@@ -1,6 +1,6 @@
 """Layout parity harness: train one config under several parallel layouts and compare.
 
-``python -m bigtrain.distributed.parity --config C --layouts '[["parallel.zero=1"], ...]' --out R.json``
+``python -m bigtrain.tools.parity --config C --layouts '[["parallel.zero=1"], ...]' --out R.json``
 run under ``torchrun --nproc_per_node=N`` trains every layout (all using the same
 N processes, one process group) and writes, per layout, the losses and the full
 (unsharded) final parameters' distance to a single-process reference trained
@@ -22,7 +22,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from bigtrain.config import load_config
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
-from bigtrain.metrics import MetricsLogger
 
 
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,13 +37,14 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def train_once(config: str, overrides: list[str]) -> dict:
     """Train; return per-step losses and gradient norms, initial and final full parameters."""
-    from bigtrain.recipes import build_trainer
+    from bigtrain.run import prepare_run
 
     cfg = load_config(config, overrides)
-    ps = ParallelState.create(cfg.parallel, LaunchEnv.detect())
-    trainer = build_trainer(cfg, ps)
+    ps = ParallelState.create(cfg.parallel, LaunchEnv.detect())  # the process group outlives each layout
+    prepared = prepare_run(cfg, ps)
+    trainer, metrics = prepared.trainer, prepared.metrics
+    assert metrics is not None
     trainer.evaluator = None
-    metrics = MetricsLogger(cfg.run.dir, ps.rank == 0)
     run: dict = {"losses": [], "grad_norms": [], "rank": ps.rank}
     log = metrics.log
 
