@@ -72,10 +72,13 @@ def cmd_train(argv: list[str]) -> int:
     if cfg.resume not in ("auto", "never"):
         _checked("resume", cfg.resume, lambda p: check_resume_config(p, dump_yaml(cfg), cfg.resume_allow_changes))
     ps = ParallelState.create(cfg.parallel)  # validates the layout before initialising anything
+    ended = False
     try:
-        return _train(cfg, ps)
+        status = _train(cfg, ps)
+        ended = True
+        return status
     finally:
-        ps.destroy()
+        ps.destroy(together=ended)
 
 
 def _checked(key: str, path: str, check: Callable[[str], object]) -> None:
@@ -131,7 +134,7 @@ def cmd_eval(argv: list[str]) -> int:
     results = {"checkpoint": ckpt, **trainer.evaluate()}
     if ps.rank == 0:
         print(json.dumps(results))
-    ps.destroy()
+    ps.destroy(together=True)
     return 0
 
 

@@ -210,12 +210,11 @@ class ParallelState:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    def destroy(self) -> None:
-        """Leave together: every rank waits for the others (rank 0 may still be writing results)
-        before the groups are torn down, so no rank exits while a peer still talks to it."""
+    def destroy(self, together: bool = False) -> None:
+        """Tear the process groups down. ``together`` (a run that ended normally): every rank first
+        waits for the others (rank 0 may still be writing results), so no rank exits while a peer
+        still talks to it; a failing run leaves at once (its peers may be stuck elsewhere)."""
         if dist.is_initialized():
-            try:
+            if together:
                 dist.barrier()
-            except Exception:  # a peer already failed: tear down anyway
-                pass
             dist.destroy_process_group()
