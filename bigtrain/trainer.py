@@ -40,6 +40,7 @@ from bigtrain.distributed.pipeline import Pipeline
 from bigtrain.metrics import MetricsLogger, Progress
 from bigtrain.optim import LRSchedule
 from bigtrain.resilience import NumericalGuard, PreemptionFlag, agree
+from bigtrain.tasks.protocol import batch_to_device
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +232,9 @@ class Trainer:
             return torch.autocast(device_type=self.ps.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A batch's tensors on this process's device (asynchronous copies from pinned memory on CUDA)."""
-        if self.ps.device.type == "cpu":
-            return batch
-        return {k: v.to(self.ps.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
     def train_step(self) -> dict[str, float]:
         self._skip_bad_windows()
-        batches = [self.to_device(b) for b in self.stream.next_step()]
+        batches = [batch_to_device(b, self.ps.device) for b in self.stream.next_step()]
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         n = len(batches)

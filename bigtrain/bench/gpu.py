@@ -188,6 +188,7 @@ def _time_steps(step: Any, device: torch.device, warmup: int, steps: int) -> lis
 def plain_loop(cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     """Eager PyTorch: same model and objective, fused AdamW, bf16 autocast, grad clipping."""
     from bigtrain.recipes import build_model, make_task
+    from bigtrain.tasks.protocol import batch_to_device
 
     model = build_model(cfg).to(device)
     task = make_task(cfg, model)
@@ -197,7 +198,7 @@ def plain_loop(cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[
     bf16 = cfg.train.dtype == "bfloat16"
 
     def step() -> None:
-        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        b = batch_to_device(batch, device)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = task(b)["loss"]

@@ -146,11 +146,8 @@ def check_loadable(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path!r}: no such checkpoint directory")
     meta = read_marker(path)
     read_metadata_file(os.path.join(path, METADATA_FILE))
-    if meta.get("format", 1) >= 2:
-        problems = check_files(path, meta["files"], manifest_names(path, meta), checksums=False)
-        if problems:
-            raise CorruptCheckpoint(f"{path}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return meta
+    problems = check_files(path, meta["files"], manifest_names(path, meta), checksums=False) if meta.get("format", 1) >= 2 else []
+    return _verdict(path, meta, problems)
 
 
 def check_resume_config(path: str, config_text: str, allow_changes: list[str]) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from bigtrain.eval.classification import warn_lost
 from bigtrain.tasks.causal_lm import CausalLMTask
+from bigtrain.tasks.protocol import batch_to_device
 from data_pipeline import SplitInfo, sequential_batches
 from data_pipeline.loader import TokenBatchDataset
 from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES
@@ -55,7 +56,7 @@ class CausalLMEvaluator:
                 pin_memory=self.device.type == "cuda",
             )
             for batch in batches:
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = batch_to_device(batch, self.device)
                 with self.autocast():
                     out = task(batch)
                 n = float(batch["weight"].sum()) * self.seq_len  # one host sync per eval batch

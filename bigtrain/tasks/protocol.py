@@ -16,6 +16,14 @@ import torch
 from torch import nn
 
 
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch's tensors on ``device`` (non-blocking copies: from pinned memory they overlap compute);
+    other entries (the loader's counters) as they are. On the CPU the batch itself."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @runtime_checkable
 class Task(Protocol):
     model: nn.Module
