@@ -36,10 +36,13 @@ commands:
   eval CONFIG [key=value ...]     evaluate the checkpoint chosen by `resume` (default: latest in run.dir)
   data ...                        write/inspect webdataset shards (see `bigtrain data --help`)
   report RUN_DIR                  draw RUN_DIR/metrics.jsonl into RUN_DIR/report.png
-  config describe                 list every config key with type, default and meaning
+  config describe [--family F]    list every config key with type, default and meaning
+  families                        list the model families (presets, tasks, data sources, commands)
+  bench [NAME [args]]             list / run the benchmarks families registered
   config show CONFIG [key=value]  print the resolved config
   export CKPT --format safetensors|hf --out PATH
                                   consolidate a sharded checkpoint into one model file (any world size)
+  NAME ...                        a subcommand a model family registered (see `bigtrain families`)
 
 exit codes: 0 done, 1 crash, 2 bad input (config, data, or a checkpoint that is damaged,
 untrusted or does not fit this run), 3 training diverged (numerical guard gave up),
@@ -140,16 +143,52 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_config(argv: list[str]) -> int:
     from bigtrain.config import Config
+    from bigtrain.families import all_families, get_family
 
     if argv[:1] == ["describe"]:
-        for key, tp, default, help_ in describe(Config):
-            print(f"{key:32s} {tp:28s} default={default!r}\n    {help_}")
+        only = argv[argv.index("--family") + 1] if "--family" in argv[:-1] else None
+        families = [get_family(only)] if only else all_families()
+        sections = [("", describe(Config))] + [
+            (f"\n# model.* keys of model.family={f.name} (also teacher.* when teacher.family={f.name})",
+             [row for row in describe(f.config, "model.") if row[0] not in ("model.family",)]) for f in families]
+        for header, rows in sections:
+            if header:
+                print(header)
+            for key, tp, default, help_ in rows:
+                print(f"{key:32s} {tp:28s} default={default!r}\n    {help_}")
         return 0
     if argv[:1] == ["show"] and len(argv) >= 2:
         print(dump_yaml(load_config(argv[1], argv[2:])), end="")
         return 0
-    print("usage: bigtrain config describe | bigtrain config show CONFIG [key=value ...]")
+    print("usage: bigtrain config describe [--family F] | bigtrain config show CONFIG [key=value ...]")
     return EXIT_BAD_INPUT
+
+
+def cmd_families(argv: list[str]) -> int:
+    from bigtrain.families import all_families
+
+    for f in all_families():
+        print(f"{f.name}: {f.description}" if f.description else f.name)
+        print(f"    presets: {', '.join(f.presets)}; tasks: {', '.join(f.tasks)} (default {f.default_task}); "
+              f"data sources: {', '.join(f.data_sources) or 'none'}")
+        print(f"    pipeline stages: {'yes' if f.pipeline else 'no'}; HF export: {'yes' if f.export_hf else 'no'}"
+              + (f"; commands: {', '.join(f.commands)}" if f.commands else "")
+              + (f"; benchmarks: {', '.join(f.benchmarks)}" if f.benchmarks else ""))
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from bigtrain.families import all_families, find_command
+
+    if not argv or argv[0] in ("-h", "--help"):
+        for f in all_families():
+            for name in f.benchmarks:
+                print(f"{name}  (model.family={f.name})")
+        return 0
+    run = find_command(argv[0], "benchmarks")
+    if run is None:
+        raise ConfigError(f"unknown benchmark {argv[0]!r} (`bigtrain bench` lists them)")
+    return run(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +238,15 @@ def _main(argv: list[str] | None = None) -> int:
             from data_pipeline.cli import main as data_main
 
             return data_main(rest, prog="bigtrain data")
+        if cmd == "families":
+            return cmd_families(rest)
+        if cmd == "bench":
+            return cmd_bench(rest)
+        from bigtrain.families import find_command
+
+        family_cmd = find_command(cmd)
+        if family_cmd is not None:
+            return family_cmd(rest)
     except CheckpointSaveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SAVE_FAILED

@@ -10,8 +10,8 @@ and checksum is verified first; the metadata is read by the restricted unpickler
 from the checkpoint's YAML.
 
 * ``safetensors``: one ``.safetensors`` file with bigtrain's parameter names.
-* ``hf`` (causal LMs): a Hugging Face ``save_pretrained`` directory
-  (``config.json`` + ``model.safetensors``) that ``LlamaForCausalLM.from_pretrained`` loads.
+* ``hf`` (families with a Hugging Face exporter, e.g. ``llama``): a ``save_pretrained``
+  directory (``config.json`` + ``model.safetensors``) that ``transformers`` loads.
 """
 
 from __future__ import annotations
@@ -66,20 +66,21 @@ def export_safetensors(ckpt: str, out: str) -> str:
 
 
 def export_hf(ckpt: str, out: str) -> str:
-    from bigtrain.config import load_config
+    from bigtrain.config import load_saved_config
+    from bigtrain.families import get_family
     from bigtrain.recipes import build_model
 
     config_path = os.path.join(ckpt, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{ckpt} has no {CONFIG_FILE}: cannot rebuild the model for --format hf")
-    cfg = load_config(config_path)
-    if cfg.model.name != "llama":
-        raise CheckpointError(f"--format hf exports causal LMs; this checkpoint is model.name={cfg.model.name!r} "
-                              "(use --format safetensors)")
+    cfg = load_saved_config(config_path)
+    family = get_family(cfg.model.family)
+    if family.export_hf is None:
+        raise CheckpointError(f"model.family={cfg.model.family} has no Hugging Face exporter (use --format safetensors)")
     with torch.device("meta"):
         model = build_model(cfg)
     model.load_state_dict(load_model_state(ckpt), strict=True, assign=True)
-    model.to_hf().save_pretrained(out, safe_serialization=True)
+    family.export_hf(model, out)
     return out
 
 

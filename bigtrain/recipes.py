@@ -1,7 +1,8 @@
 """Turn a validated :class:`Config` into the pieces the trainer runs.
 
-This is the only place that knows which model, task, data and evaluator a
-config means; the trainer itself never branches on the task type.
+The model family named in ``model.family`` supplies the model, its parallelization, task, data
+and evaluator (:mod:`bigtrain.families`); this module assembles them with the layout, optimizer,
+data stream and checkpointer. Neither it nor the trainer branches on the family or the task.
 """
 
 from __future__ import annotations
@@ -13,33 +14,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigtrain.config.batching import plan_batches
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.components import EMA
-from bigtrain.distributed import LaunchEnv, ParallelState
+from bigtrain.config import Config, ConfigError, dump_yaml
+from bigtrain.config.batching import plan_batches
+from bigtrain.distributed import LaunchEnv, ParallelState, parallelize_blocks
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
-from bigtrain.distributed.causal_lm import parallelize_lm
-from bigtrain.distributed.vit import parallelize_vit
-from bigtrain.config import Config, ConfigError, dump_yaml
-from bigtrain.eval import ClassificationEvaluator
-from bigtrain.eval.causal_lm import CausalLMEvaluator
-from bigtrain.models.causal_lm import CausalLM, llama_config
-from bigtrain.models.vit import ViT, ViTArgs
+from bigtrain.families import EvalContext, Family, get_family
 from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer, check_optimizer
-from bigtrain.tasks import CausalLMTask, ClassificationTask
 from bigtrain.trainer import Trainer
-from data_pipeline import DataError, GlobalOrder, ImageBatchDataset, ImageSpec, SplitInfo, TrainStream, load_split
+from data_pipeline import DataError, SplitInfo, TrainStream, load_split
 from data_pipeline.index import check_shards, find_foreign_shards, read_index
-from data_pipeline.loader import ShardBatchDataset, TokenBatchDataset
-from data_pipeline.text import write_text_shards
-from data_pipeline.writer import write_digits, write_set_atomically
+from data_pipeline.writer import write_set_atomically
 
 log = logging.getLogger(__name__)
 
 
 def ensure_data(cfg: Config) -> None:
-    """Write the embedded data set into ``data.dir`` if it holds no shards for the train split.
+    """Write the family's embedded data set (``data.source``) into ``data.dir`` if it holds no shards
+    for the train split.
 
     The set is written into a temporary directory and renamed into place when complete, and
     only where ``data.dir`` does not exist or is empty: a directory of the user's that is not a
@@ -54,85 +48,53 @@ def ensure_data(cfg: Config) -> None:
         raise DataError(
             f"data.dir={d.dir!r} is not empty and holds no shards for split '{d.train_split}': refusing to write "
             f"data.source={d.source} into it (point data.dir at a new or empty directory, or set data.source=none)")
-    if d.source == "stdlib_text":
-        log.info("writing byte-level token shards of the Python standard library into %s", d.dir)
-        write_set_atomically(d.dir, lambda tmp: write_text_shards(
-            tmp, seq_len=cfg.model.seq_len, max_bytes=d.text_max_bytes, samples_per_shard=d.samples_per_shard))
-        return
-    log.info("writing the embedded digits data set into %s", d.dir)
-    write_set_atomically(d.dir, lambda tmp: write_digits(tmp, image_size=d.image_size,
-                                                         samples_per_shard=d.samples_per_shard, seed=0))
+    log.info("writing data.source=%s into %s", d.source, d.dir)
+    write = get_family(cfg.model.family).data_sources[d.source]
+    write_set_atomically(d.dir, lambda tmp: write(cfg, tmp))
 
 
-def image_spec(cfg: Config, train: bool) -> ImageSpec:
-    d = cfg.data
-    return ImageSpec(
-        image_size=d.image_size, channels=d.channels, num_classes=cfg.model.num_classes, mean=list(d.mean),
-        std=list(d.std), augment=d.augment if train else "none", crop_padding=d.crop_padding, on_error=d.on_error,
-        max_member_bytes=d.max_member_bytes,
-    )
+def build_model(cfg: Config, section: str = "model") -> nn.Module:
+    """The one-device model of a config's model section (``teacher`` for the teacher); works under
+    ``torch.device("meta")``. Initialisation depends on ``train.seed`` only, not on what ran before."""
+    model_cfg = getattr(cfg, section)
+    torch.manual_seed(cfg.train.seed)
+    return get_family(model_cfg.family).build(model_cfg)
 
 
-def vit_args(cfg: Config) -> ViTArgs:
-    m = cfg.model
-    try:
-        return ViTArgs.from_variant(
-            m.variant, width=m.width, depth=m.depth, mlp_dim=m.mlp_dim, num_heads=m.num_heads,
-            patch_size=m.patch_size, image_size=m.image_size, in_channels=m.in_channels, num_classes=m.num_classes,
-            head=m.head, posemb=m.posemb, dropout=m.dropout, head_zero_init=m.head_zero_init,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-
-
-def build_model(cfg: Config) -> nn.Module:
-    torch.manual_seed(cfg.train.seed)  # init depends on the seed only, not on what ran before
-    return ViT(vit_args(cfg)) if cfg.model.name == "vit" else CausalLM(lm_config(cfg))
-
-
-def lm_config(cfg: Config) -> Any:
-    m = cfg.model
-    if not (m.width and m.depth and m.num_heads and m.mlp_dim):
-        raise ConfigError("model.name=llama needs model.width, model.depth, model.num_heads and model.mlp_dim")
-    return llama_config(m.vocab_size, m.width, m.depth, m.num_heads, m.num_kv_heads, m.mlp_dim, m.seq_len)
-
-
-def parallelize(model: nn.Module, cfg: Config, ps: ParallelState, param_dtype: torch.dtype | None) -> nn.Module:
-    if isinstance(model, ViT):
-        return parallelize_vit(model, ps, cfg.parallel, param_dtype)
-    return parallelize_lm(model, ps, cfg.parallel, cfg.model.seq_len, param_dtype)
+def parallelize(family: Family, model: nn.Module, cfg: Config, ps: ParallelState, param_dtype: torch.dtype | None) -> nn.Module:
+    if family.parallelize is None:
+        return parallelize_blocks(model, ps, cfg.parallel, param_dtype)
+    return family.parallelize(model, ps, cfg, param_dtype)
 
 
 def make_task(cfg: Config, model: nn.Module) -> nn.Module:
-    return ClassificationTask(model) if cfg.task == "classification" else CausalLMTask(model)
+    """The objective ``task`` of the config's family, wrapping ``model``."""
+    return get_family(cfg.model.family).tasks[cfg.task](cfg, model)
 
 
-def train_dataset(cfg: Config, split: SplitInfo) -> ShardBatchDataset:
-    order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
-    if cfg.model.name == "vit":
-        return ImageBatchDataset(split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
-    return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error,
-                             cfg.data.max_member_bytes)
+def train_dataset(cfg: Config, split: SplitInfo) -> Any:
+    return get_family(cfg.model.family).train_data(cfg, split)
+
+
+def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
+    """Model FLOPs of one training sample (forward + backward) of the unsharded model."""
+    return float(get_family(cfg.model.family).flops_per_sample(model, cfg.model))
 
 
 def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any) -> Any:
-    dp = {"dp_rank": ps.dp_rank, "dp_size": ps.dp, "dp_group": ps.group("dp"), "device": ps.device}
-    if cfg.model.name == "vit":
-        return ClassificationEvaluator(
-            cfg.eval, train_split, eval_split, image_spec(cfg, train=False), cfg.model.num_classes,
-            autocast=autocast, num_workers=cfg.data.num_workers, **dp,
-        )
-    return CausalLMEvaluator(eval_split, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=autocast,
-                             max_member_bytes=cfg.data.max_member_bytes, **dp)
+    ctx = EvalContext(dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"), device=ps.device, autocast=autocast,
+                      num_workers=cfg.data.num_workers)
+    return get_family(cfg.model.family).evaluator(cfg, train_split, eval_split, ctx)
 
 
 def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
     train = load_split(cfg.data.dir, cfg.data.train_split)
     evals = load_split(cfg.data.dir, cfg.data.eval_split)
+    num_classes = getattr(cfg.model, "num_classes", None)  # a classifier's output count
     for info in (train, evals):
-        if info.num_classes > cfg.model.num_classes:
+        if num_classes is not None and info.num_classes > num_classes:
             raise ConfigError(
-                f"config key 'model.num_classes' ({cfg.model.num_classes}) is smaller than the "
+                f"config key 'model.num_classes' ({num_classes}) is smaller than the "
                 f"{info.num_classes} classes recorded in {cfg.data.dir}/index.json"
             )
     if evals.indexed:  # counts come from the index; a shard damaged since would silently shrink the eval set
@@ -150,8 +112,12 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         torch.set_num_threads(cfg.train.num_threads)
     if ps.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    family = get_family(cfg.model.family)
     batches = plan_batches(cfg, ps.dp, ps.pp)
     check_optimizer(cfg.optim.name, ps.tp, cfg.parallel.zero, ps.dp)  # an impossible layout fails before any work
+    if ps.pp > 1 and not family.pipeline:
+        raise ConfigError(f"model.family={cfg.model.family} does not split into pipeline stages: parallel.pp must be 1 "
+                          f"(got {ps.pp})")
     if ps.rank == 0:
         ensure_data(cfg)
     ps.barrier()  # other ranks read the shards rank 0 may just have written
@@ -166,7 +132,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         def build_stage(blocks: list[str], first: bool, last: bool) -> nn.Module:
             stage = build_model(cfg)  # same seed on every rank: stages hold slices of one init
             stage.prune_for_stage(blocks, first, last)
-            return parallelize(stage.to(ps.device), cfg, ps, param_dtype)
+            return parallelize(family, stage.to(ps.device), cfg, ps, param_dtype)
 
         pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
                             batches.pipeline_microbatches)
@@ -174,12 +140,12 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         task.model = PipelineModel(pipeline)
     else:
         # initialised on the CPU from the seed (the same numbers on any device), then moved
-        parts = [parallelize(build_model(cfg).to(ps.device), cfg, ps, param_dtype)]
+        parts = [parallelize(family, build_model(cfg).to(ps.device), cfg, ps, param_dtype)]
         task = make_task(cfg, parts[0])
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
-    optimizer = build_optimizer(model, cfg.optim, full.no_weight_decay(), full.head_param_names())
+    optimizer = build_optimizer(model, cfg.optim, no_weight_decay(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     stream = TrainStream(
         train_dataset(cfg, train_split), batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
@@ -196,19 +162,29 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline,
                       components=components)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)
-    flops = train_flops_per_sample(full, cfg)
     log.info(
-        "model: %s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
-        cfg.model.name, full.num_params() / 1e6, flops / 1e9, train_split.num_samples, eval_split.num_samples,
+        "model: %s/%s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
+        family.name, cfg.model.variant, num_params(full) / 1e6, family.flops_per_sample(full, cfg.model) / 1e9,
+        train_split.num_samples, eval_split.num_samples,
     )
     return trainer
 
 
-def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
-    """Model FLOPs of one training sample (forward + backward) of the unsharded model."""
-    if isinstance(model, ViT):
-        return float(model.train_flops_per_sample())
-    return float(model.train_flops_per_token(cfg.model.seq_len) * cfg.model.seq_len)
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """The model's own list (``model.no_weight_decay()``) or, by default, every parameter with fewer
+    than two dimensions (norms and biases)."""
+    own = getattr(model, "no_weight_decay", None)
+    return set(own()) if callable(own) else {n for n, p in model.named_parameters() if p.ndim < 2}
+
+
+def head_param_names(model: nn.Module) -> set[str]:
+    """Parameters of the classifier head (decoupled head weight decay, LR multiplier); none by default."""
+    own = getattr(model, "head_param_names", None)
+    return set(own()) if callable(own) else set()
 
 
 def schedule_spec(cfg: Config) -> ScheduleSpec:

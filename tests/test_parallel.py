@@ -22,10 +22,11 @@ LOSS_RTOL = 1e-5
 PARAM_RTOL = 2e-5
 LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
 MODELS = {
-    # config, overrides for every run of that model
-    "vit": (TEST_CONFIG, ["model.dropout=0", "train.steps=6", "schedule.cooldown_steps=2", "checkpoint.every_steps=0",
-                          "train.micro_batch_size=0", "parallel.timeout_s=120"]),
-    "llama": (LM_CONFIG, ["train.steps=6", "checkpoint.every_steps=0", "parallel.timeout_s=120"]),
+    # config, overrides for every run of that model, the fixture that holds its data
+    "vit_digits": (TEST_CONFIG, ["model.dropout=0", "train.steps=6", "schedule.cooldown_steps=2",
+                                 "checkpoint.every_steps=0", "train.micro_batch_size=0", "parallel.timeout_s=120"],
+                   "digits_dir"),
+    "llm_stdlib": (LM_CONFIG, ["train.steps=6", "checkpoint.every_steps=0", "parallel.timeout_s=120"], "lm_data_dir"),
 }
 
 
@@ -49,10 +50,10 @@ def lm_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return root
 
 
-@pytest.fixture(scope="module", params=["vit", "llama"])
-def reference(request: pytest.FixtureRequest, digits_dir: str, lm_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     model = request.param
-    data_dir = digits_dir if model == "vit" else lm_data_dir
+    data_dir = request.getfixturevalue(MODELS[model][2])
     work = tmp_path_factory.mktemp(f"parity-{model}")
     ref = work / "ref.pt"
     subprocess.run(
@@ -128,7 +129,7 @@ def test_impossible_layouts_fail_before_work(digits_dir: str, tmp_path: Path) ->
     from bigtrain.config import ConfigError, load_config
     from bigtrain.distributed import infer_degrees
     from bigtrain.distributed.mesh import LaunchEnv, ParallelState
-    from bigtrain.distributed.vit import check_vit_layout
+    from bigtrain.families.vit.parallelize import check_vit_layout
     from bigtrain.models.vit import ViT, ViTArgs
 
     cfg = load_config(TEST_CONFIG, ["parallel.tp=3"])

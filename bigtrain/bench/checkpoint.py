@@ -33,7 +33,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from bigtrain.checkpoint import Checkpointer, ModelState, OptimizerState, _single_process_ok
-from bigtrain.models.vit import ViT, ViTArgs
 
 BLOCK = 64 * 2**20
 
@@ -72,9 +71,15 @@ def disk_bandwidth(directory: str, nbytes: int) -> tuple[float, float]:
     return write, read
 
 
-def build_state(variant: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
-    torch.manual_seed(0)
-    model = ViT(ViTArgs.from_variant(variant, patch_size=16, image_size=224, num_classes=1000))
+MODEL = ["model.family=vit", "model.variant=B", "model.patch_size=16", "model.image_size=224", "data.image_size=224",
+         "model.num_classes=1000"]
+
+
+def build_state(overrides: list[str]) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
+    from bigtrain.config import load_config
+    from bigtrain.recipes import build_model
+
+    model = build_model(load_config(None, [*MODEL, *overrides]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # one step creates the optimizer state (exp_avg, exp_avg_sq)
         p.grad = torch.randn_like(p) * 1e-3
@@ -86,12 +91,13 @@ def build_state(variant: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, i
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="B", help="ViT size (Ti, S, B, L, ...); B with AdamW state is ~1 GB")
+    ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides of the model (default: ViT-B/16, 224 px, whose AdamW state is ~1 GB)")
     ap.add_argument("--dir", help="where to write (default: a temporary directory on the default disk)")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many of each measurement")
     ap.add_argument("--write-threads", type=int, default=2, help="checkpoint.write_threads (files per rank)")
     args = ap.parse_args(argv)
-    model, optimizer, nbytes = build_state(args.variant)
+    model, optimizer, nbytes = build_state(args.model)
     state = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
     gb = nbytes / 1e9
     work = tempfile.mkdtemp(prefix="bigtrain-ckpt-bench-", dir=args.dir)
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ckpt.load(path, state)
             load_s = min(load_s, time.perf_counter() - t0)
-        print(f"# ViT-{args.variant}/16: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
+        print(f"# {' '.join([*MODEL, *args.model])}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
               f"model + AdamW state {gb:.2f} GB; {args.write_threads} write threads; directory {work}; best of {args.repeats}")
         print("| measurement | seconds | GB/s | vs disk |")
         print("|---|---|---|---|")

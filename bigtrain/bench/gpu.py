@@ -2,16 +2,18 @@
 
 ``python -m bigtrain.bench.gpu [--out DIR]``  (exit 2 with one line where no CUDA device is present)
 
-1. **Function.** For each model family (the ViT and the Llama LM test configs), train 8 steps
-   on the GPU in bf16 with checkpoints at steps 4 and 8, then resume a copy of the run from the
-   step-4 checkpoint and compare the losses of steps 5-8 with the uninterrupted run's.
+1. **Function.** For every registered model family, on its ``debug`` preset and embedded data,
+   train 8 steps on the GPU in bf16 with checkpoints at steps 4 and 8, then resume a copy of the
+   run from the step-4 checkpoint and compare the losses of steps 5-8 with the uninterrupted run's.
 2. **Speed.** Measure the bf16 GEMM peak (8192^3 matmuls) in the same run, then train ViT-B/16
    (224 px) and a ~1B-parameter Llama (sequence 2048) in bf16 autocast with fp32 master weights,
    once with bigtrain's training step and once with a plain PyTorch loop (same model, same SDPA
    attention, eager, no compile, fused AdamW, same batch), on synthetic tensors. Reported: step
    time, samples (images or tokens) per second, MFU against the measured and the nominal bf16 peak,
-   peak GPU memory. LM FLOPs per token = 6 x non-embedding parameters + 12 x layers x width x
-   sequence (the attention scores and values, forward + backward); ViT FLOPs from its matmul count.
+   peak GPU memory. FLOPs are the family's own count (``Family.flops_per_sample``): LM FLOPs per
+   token = 6 x (parameters of the matmuls: every layer's projections and the LM head, not the
+   input embedding) + 12 x layers x width x sequence (attention scores and values, forward +
+   backward); ViT FLOPs from its matmul count.
 
 Prints a markdown table and writes ``gpu_check.json`` into ``--out``. ``--device cpu --tiny``
 runs the same code paths on the CPU with tiny models (what the test suite does).
@@ -35,16 +37,24 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-FAMILIES = {  # family: (config, data overrides)
-    "vit": ("configs/vit/digits_test.yaml", []),
-    "llama": ("configs/llm/stdlib_test.yaml", []),
-}
+# the speed part's models: (label, overrides of a bare config, tiny overrides for the CPU smoke run)
+SPEED_MODELS = [
+    ("ViT-B/16 224px", ["model.family=vit", "model.variant=B", "model.image_size=224", "data.image_size=224",
+                        "model.patch_size=16", "model.in_channels=3", "data.channels=3", "model.num_classes=1000",
+                        "train.global_batch_size=128"],
+     ["model.variant=Ti", "model.image_size=32", "data.image_size=32", "model.patch_size=8", "train.global_batch_size=8"]),
+    ("Llama ~1B seq 2048", ["model.family=llama", "model.variant=1B", "model.vocab_size=32000", "model.seq_len=2048",
+                            "train.global_batch_size=8"],
+     ["model.variant=debug", "model.depth=2", "model.vocab_size=512", "model.seq_len=64", "train.global_batch_size=4"]),
+]
 NOMINAL_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 # --- 1. function: train, save, resume on the device --------------------------------------------------
-def _train(config: str, run: Path, data: Path, device: str, dtype: str) -> tuple[int, str]:
-    args = [sys.executable, "-m", "bigtrain", "train", config, f"run.dir={run}", f"data.dir={data}",
+def _train(family: Any, run: Path, data: Path, device: str, dtype: str) -> tuple[int, str]:
+    config = run.parent / f"{family.name}.yaml"
+    config.write_text(f"model:\n  family: {family.name}\n")
+    args = [sys.executable, "-m", "bigtrain", "train", str(config), *family.debug_overrides, f"run.dir={run}", f"data.dir={data}",
             "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=0", "eval.every_steps=0",
             "eval.fewshot=false", "schedule.warmup_steps=1", "schedule.cooldown_steps=2", "log.every_steps=1",
             f"parallel.device={device}", f"train.dtype={dtype}"]
@@ -63,16 +73,19 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def function_check(work: Path, device: str, dtype: str) -> list[dict[str, Any]]:
+    from bigtrain.families import all_families
+
     rows = []
-    for family, (config, _) in FAMILIES.items():
-        data, run, again = work / f"data-{family}", work / f"run-{family}", work / f"resume-{family}"
+    for family in all_families():
+        name = family.name
+        data, run, again = work / f"data-{name}", work / f"run-{name}", work / f"resume-{name}"
         t0 = time.perf_counter()
-        rc, err = _train(config, run, data, device, dtype)
-        row: dict[str, Any] = {"family": family, "trained": rc == 0, "seconds": round(time.perf_counter() - t0, 1)}
+        rc, err = _train(family, run, data, device, dtype)
+        row: dict[str, Any] = {"family": name, "trained": rc == 0, "seconds": round(time.perf_counter() - t0, 1)}
         if rc == 0:
             shutil.copytree(run, again)
             shutil.rmtree(again / "checkpoints" / "step_00000008")
-            rc, err = _train(config, again, data, device, dtype)
+            rc, err = _train(family, again, data, device, dtype)
             ref, got = _losses(run), _losses(again)
             diff = max(abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-12) for s in range(5, 9)) if rc == 0 else float("nan")
             row.update(resumed=rc == 0 and "resumed from" in err, max_rel_loss_diff=diff, equal=diff == 0.0,
@@ -104,39 +117,24 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int = 20)
     return 2 * n**3 / best
 
 
-def _cfg(family: str, tiny: bool, device: str, dtype: str) -> Any:
+def _cfg(overrides: list[str], tiny_overrides: list[str], tiny: bool, device: str, dtype: str) -> Any:
     from bigtrain.config import load_config
 
     common = [f"parallel.device={device}", f"train.dtype={dtype}", "optim.grad_clip_norm=1.0", "schedule.warmup_steps=0",
-              "schedule.cooldown_steps=0", "schedule.decay=constant", "train.steps=1000", "model.dropout=0.0",
-              "train.micro_batch_size=0"] if family == "vit" else [
-              f"parallel.device={device}", f"train.dtype={dtype}", "schedule.warmup_steps=0", "schedule.decay=cosine",
-              "train.steps=1000", "train.micro_batch_size=0"]
-    if family == "vit":
-        size = ["model.variant=Ti", "model.image_size=32", "data.image_size=32", "model.patch_size=8",
-                "train.global_batch_size=8"] if tiny else [
-                "model.variant=B", "model.image_size=224", "data.image_size=224", "model.patch_size=16",
-                "train.global_batch_size=128"]
-        return load_config(ROOT / FAMILIES["vit"][0], [*common, *size, "model.in_channels=3", "data.channels=3",
-                                                       "model.num_classes=1000", "model.width=0", "model.depth=0",
-                                                       "model.num_heads=0", "model.mlp_dim=0"])
-    size = ["model.width=64", "model.depth=2", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp_dim=128",
-            "model.vocab_size=512", "model.seq_len=64", "train.global_batch_size=4"] if tiny else [
-            "model.width=2048", "model.depth=16", "model.num_heads=16", "model.num_kv_heads=8", "model.mlp_dim=5632",
-            "model.vocab_size=32000", "model.seq_len=2048", "train.global_batch_size=8"]
-    return load_config(ROOT / FAMILIES["llama"][0], [*common, *size])
+              "schedule.cooldown_steps=0", "schedule.decay=constant", "train.steps=1000", "train.micro_batch_size=0"]
+    return load_config(None, [*common, *overrides, *(tiny_overrides if tiny else [])])
 
 
 def _batch(cfg: Any, device: torch.device) -> dict[str, Any]:
-    """One synthetic global batch (pinned host memory on CUDA, copied each step like real data)."""
-    g = torch.Generator().manual_seed(0)
+    """One synthetic global batch of the family's shape (pinned host memory on CUDA, copied each step
+    like real data)."""
+    from bigtrain.families import get_family
+
+    family = get_family(cfg.model.family)
+    if family.example_batch is None:
+        raise SystemExit(f"error: model.family={family.name} declares no example_batch: no speed run")
     b = cfg.train.global_batch_size
-    if cfg.task == "classification":
-        x = {"image": torch.randn(b, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size, generator=g),
-             "label": torch.randint(0, cfg.model.num_classes, (b,), generator=g)}
-    else:
-        x = {"tokens": torch.randint(0, cfg.model.vocab_size, (b, cfg.model.seq_len + 1), generator=g)}
-    x["weight"] = torch.ones(b)
+    x = family.example_batch(cfg.model, b, torch.Generator().manual_seed(0))
     if device.type == "cuda":
         x = {k: v.pin_memory() for k, v in x.items()}
     return {**x, "num_samples": b, "num_errors": 0, "errors": []}
@@ -160,16 +158,6 @@ class SyntheticStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed_samples = int(state["consumed_samples"])
-
-
-def flops_per_sample(model: torch.nn.Module, cfg: Any) -> float:
-    """ViT: its matmul count. LM: (6 N + 12 L d T) per token x T tokens, N = non-embedding parameters."""
-    if cfg.task == "classification":
-        return float(model.train_flops_per_sample())
-    m = cfg.model
-    embedding = m.vocab_size * m.width * 2  # token embedding + untied LM head
-    n = sum(p.numel() for p in model.parameters()) - embedding
-    return float((6 * n + 12 * m.depth * m.width * m.seq_len) * m.seq_len)
 
 
 def _time_steps(step: Any, device: torch.device, warmup: int, steps: int) -> list[float]:
@@ -214,15 +202,16 @@ def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work:
     from bigtrain.checkpoint import Checkpointer
     from bigtrain.distributed import ParallelState
     from bigtrain.optim import LRSchedule, build_optimizer
-    from bigtrain.recipes import build_model, make_task, parallelize, schedule_spec
+    from bigtrain.families import get_family
+    from bigtrain.recipes import build_model, head_param_names, make_task, no_weight_decay, parallelize, schedule_spec
     from bigtrain.trainer import Trainer
 
     ps = ParallelState.create(cfg.parallel)
     with torch.device("meta"):
         full = build_model(cfg)
-    model = parallelize(build_model(cfg).to(ps.device), cfg, ps, None)
+    model = parallelize(get_family(cfg.model.family), build_model(cfg).to(ps.device), cfg, ps, None)
     task = make_task(cfg, model)
-    optimizer = build_optimizer(model, cfg.optim, full.no_weight_decay(), full.head_param_names())
+    optimizer = build_optimizer(model, cfg.optim, no_weight_decay(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     trainer = Trainer(cfg, model, task, optimizer, schedule, SyntheticStream(_batch(cfg, device)),
                       Checkpointer(str(work / "bigtrain-speed")), parallel=ps)
@@ -232,10 +221,13 @@ def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work:
 def _measure(step: Any, model: torch.nn.Module, cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    from bigtrain.families import get_family
+    from bigtrain.recipes import train_flops_per_sample
+
     times = _time_steps(step, device, warmup, steps)
     t = statistics.median(times)
-    flops = flops_per_sample(model, cfg) * cfg.train.global_batch_size
-    per_sample = cfg.model.seq_len if cfg.task == "causal_lm" else 1
+    flops = train_flops_per_sample(model, cfg) * cfg.train.global_batch_size
+    per_sample = get_family(cfg.model.family).sample_unit(cfg.model)[1]
     out = {"step_s": t, "best_step_s": min(times), "items_per_s": cfg.train.global_batch_size * per_sample / t,
            "model_flops_per_s": flops / t}
     if device.type == "cuda":
@@ -250,12 +242,12 @@ def speed_check(device: torch.device, tiny: bool, dtype: str, work: Path) -> dic
     nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None) if dtype == "bfloat16" else None
     rows = []
     warmup, steps = (1, 2) if tiny else (3, 10)
-    for family, label in (("vit", "ViT-B/16 224px"), ("llama", "Llama ~1B seq 2048")):
-        cfg = _cfg(family, tiny, device.type, dtype)
+    for label, overrides, tiny_overrides in SPEED_MODELS:
+        cfg = _cfg(overrides, tiny_overrides, tiny, device.type, dtype)
         for impl, fn in (("plain PyTorch (eager)", lambda: plain_loop(cfg, device, warmup, steps)),
                          ("bigtrain", lambda: bigtrain_loop(cfg, device, warmup, steps, work))):
             r = fn()
-            r.update(model=label if not tiny else f"{family} (tiny)", impl=impl, mfu=r["model_flops_per_s"] / peak,
+            r.update(model=label if not tiny else f"{cfg.model.family} (tiny)", impl=impl, mfu=r["model_flops_per_s"] / peak,
                      mfu_nominal=r["model_flops_per_s"] / nominal if nominal else None)
             rows.append(r)
             if device.type == "cuda":

@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             totals[group] += ev.self_cpu_time_total
         whole = sum(totals.values())
         print("plain step, share of self CPU time: " + ", ".join(f"{k} {v / whole:.0%}" for k, v in totals.items()))
-    if args.model == "vit":
-        x = torch.randn(gbs * cfg.model.image_size**2 // cfg.model.patch_size**2, cfg.model.mlp_dim, requires_grad=True)
+    m = cfg.model
+    if hasattr(m, "patch_size") and getattr(m, "mlp_dim", 0):  # an image transformer: its MLP activation shape
+        x = torch.randn(gbs * m.image_size**2 // m.patch_size**2, m.mlp_dim, requires_grad=True)
         g = torch.randn_like(x)
         for name, approx in (("tanh", "tanh"), ("erf", "none")):
             ms = _median_ms(lambda a=approx: F.gelu(x, approximate=a).backward(g), 20)

@@ -7,7 +7,7 @@ from pathlib import Path
 from bigtrain.config.core import ConfigError, apply_overrides, describe, dump_yaml, from_dict, load_yaml
 from bigtrain.config.schema import Config
 
-__all__ = ["Config", "ConfigError", "load_config", "describe", "dump_yaml"]
+__all__ = ["Config", "ConfigError", "load_config", "load_saved_config", "describe", "dump_yaml"]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -15,3 +15,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(Config, data, list(overrides))
     return from_dict(Config, data)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The config a checkpoint was saved with (``config.yaml`` in it), read by this version:
+    configs of older versions are migrated (see :mod:`bigtrain.config.compat`)."""
+    from bigtrain.config.compat import migrate_legacy
+
+    return from_dict(Config, migrate_legacy(load_yaml(path)))

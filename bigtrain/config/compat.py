@@ -9,12 +9,51 @@ may change freely: that is what elastic resume is for.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # dotted keys or whole sections (a trailing section name covers every key under it)
 RESUME_FIXED = ("task", "model", "train.global_batch_size", "train.seed", "train.steps", "optim.name", "schedule")
-# model keys that change no tensor and no data: free to differ
-RESUME_FREE = ("model.dropout", "model.head_zero_init")
+# model keys that change no tensor and no data: free to differ (the variant only names the sizes,
+# which are compared themselves once the preset filled them in)
+RESUME_FREE = ("model.dropout", "model.head_zero_init", "model.variant")
+
+
+def migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an older bigtrain, in today's shape (the input is not changed).
+
+    Before model families, the model section was one flat union named by ``model.name`` (every
+    family's keys present, the unused ones at their defaults): the name becomes ``model.family``
+    and the keys the family does not have are dropped. A variant the family does not know (the
+    old default 'Ti', which the LM ignored) becomes 'custom'."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "name" not in model or "family" in model:
+        return data
+    from bigtrain.families import get_family
+
+    family = get_family(str(model["name"]))
+    keep = {f.name for f in dataclasses.fields(family.config)}
+    migrated = {"family": model["name"], **{k: v for k, v in model.items() if k in keep and k != "family"}}
+    if migrated.get("variant", "custom") not in (*family.presets, "custom"):
+        migrated["variant"] = "custom"
+    return {**data, "model": migrated}
+
+
+def normalize_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as this version resolves it (legacy keys migrated, presets and defaults filled),
+    so it compares key by key with a run's resolved config; as migrated if it no longer validates."""
+    from bigtrain.config.core import ConfigError, from_dict
+    from bigtrain.config.schema import Config
+
+    data = migrate_legacy(data)
+    try:
+        return dataclasses.asdict(from_dict(Config, data))
+    except ConfigError as exc:
+        log.warning("the checkpoint's saved config does not validate today (%s); comparing it as saved", exc)
+        return data
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -33,7 +72,7 @@ def _fixed(key: str) -> bool:
 
 def resume_mismatches(saved: dict[str, Any], current: dict[str, Any], allow: list[str]) -> list[str]:
     """``key: saved -> current`` for every fixed key that differs and is not allowed to."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = _flatten(normalize_saved(saved)), _flatten(current)
     out = []
     for key in sorted(set(old) | set(new)):
         if _fixed(key) and key not in allow and old.get(key) != new.get(key):

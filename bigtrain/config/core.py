@@ -129,14 +129,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp!r}")  # schema bug, not user error
 
 
-def all_keys(cls: Any, prefix: str = "") -> list[str]:
+def all_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class, or of a config instance (whose resolved sections — the
+    model family's — may have more keys than the class declares)."""
     keys = []
+    cls = obj if isinstance(obj, type) else type(obj)
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(all_keys(hints[f.name], prefix + f.name + "."))
+        sub = hints[f.name] if isinstance(obj, type) else getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub):
+            keys.extend(all_keys(sub, prefix + f.name + "."))
     return keys
+
+
+def _resolver(f: dataclasses.Field) -> Any:
+    """A section whose schema depends on its contents (``model``: the family decides) carries
+    ``resolve(data, key) -> (dataclass, data)`` in its field metadata."""
+    return f.metadata.get("resolve")
 
 
 def unknown_key_error(cls: Any, key: str, prefix: str = "") -> ConfigError:
@@ -154,7 +164,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise unknown_key_error(cls, prefix + str(key), prefix)
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in data:
+        resolve = _resolver(f)
+        if resolve is not None:
+            value = data.get(f.name, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{f.name}': expected a mapping of sub-keys, got {value!r}")
+            section, value = resolve(value, prefix + f.name)
+            kwargs[f.name] = from_dict(section, value, prefix=f"{prefix}{f.name}.")
+        elif f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name)
             _check_bounds(kwargs[f.name], f.metadata.get("bounds", {}), prefix + f.name)
     obj = cls(**kwargs)
@@ -184,12 +201,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(root_cls: Any, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Merge ``key=value`` strings into a nested dict, checking each key exists."""
+    """Merge ``key=value`` strings into a nested dict, checking each key exists (keys of a resolved
+    section, e.g. ``model.*``, are checked by :func:`from_dict` once its schema is known)."""
     valid = set(all_keys(root_cls))
+    resolved = {f.name for f in dataclasses.fields(root_cls) if _resolver(f) is not None}
     for text in overrides:
         path, value = parse_override(text)
         dotted = ".".join(path)
-        if dotted not in valid:
+        if dotted not in valid and not (len(path) > 1 and path[0] in resolved):
             raise unknown_key_error(root_cls, dotted)
         node = data
         for part in path[:-1]:

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import difflib
 import signal
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from bigtrain.config.batching import plan_batches
 from bigtrain.config.core import ConfigError, all_keys, doc
@@ -59,10 +60,10 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     dir: str = doc("data/digits", "Dataset root holding webdataset shards (written here when missing and source allows).")
-    source: Literal["digits", "stdlib_text", "none"] = doc(
-        "digits",
-        "What to write into data.dir if it has no shards: 'digits' (embedded sklearn digits), 'stdlib_text' "
-        "(byte-level token sequences of CPython's standard library sources) or 'none' (error).",
+    source: str = doc(
+        "", "What to write into data.dir if it has no shards: one of the model family's data sources (built in: "
+        "'digits', embedded sklearn digits, for vit; 'stdlib_text', byte-level token sequences of CPython's "
+        "standard library, for llama), '' = the family's first, or 'none' (error).",
     )
     text_max_bytes: int = doc(2_000_000, "stdlib_text: bytes of source text to tokenize.", gt=0)
     train_split: str = doc("train", "Split name (shard prefix) used for training.")
@@ -94,23 +95,44 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["vit", "llama"] = doc("vit", "Model family: ViT, or a decoder-only LM built from HF LlamaForCausalLM.")
-    variant: str = doc("Ti", "Size from 'Scaling Vision Transformers' (Ti,S,M,B,L,H,g,G) or 'custom'.")
-    width: int = doc(0, "Hidden size; 0 = from variant.", ge=0)
-    depth: int = doc(0, "Number of blocks; 0 = from variant.", ge=0)
-    mlp_dim: int = doc(0, "MLP hidden size; 0 = from variant.", ge=0)
-    num_heads: int = doc(0, "Attention heads; 0 = from variant.", ge=0)
-    num_kv_heads: int = doc(0, "llama: key/value heads (grouped-query attention); 0 = num_heads.", ge=0)
-    vocab_size: int = doc(257, "llama: vocabulary size (257 = bytes + end-of-text, the stdlib_text tokenizer).", gt=0)
-    seq_len: int = doc(128, "llama: tokens per training sequence.", gt=0)
-    patch_size: int = doc(4, "Square patch size in pixels.", gt=0)
-    image_size: int = doc(32, "Input resolution (must equal data.image_size).", gt=0)
-    in_channels: int = doc(1, "Input channels (must equal data.channels).")
-    num_classes: int = doc(10, "Classifier outputs.", gt=0)
-    head: Literal["cls", "gap", "map"] = doc("map", "Pooling: class token, global average pool, or multihead attention pooling.")
-    posemb: Literal["learned", "sincos2d"] = doc("learned", "Position embedding type.")
-    dropout: float = doc(0.0, "Dropout on attention output, MLP output and before the classifier.", ge=0, le=0.99)
-    head_zero_init: bool = doc(True, "Zero-init the classifier (big_vision default).")
+    """The keys every model section has; a family's config class adds its own (``model.depth``, ...)."""
+
+    family: str = doc(
+        "vit", "Model family: a registered name (`bigtrain families` lists them) or 'package.module:ATTRIBUTE' "
+        "naming a bigtrain.families.Family. The family decides the other model.* keys.",
+    )
+    variant: str = doc("custom", "Size preset of the family (every family has 'debug'); presets fill the size keys "
+                       "left at 0. 'custom' = sizes from the keys.")
+
+
+def _model_section(default_family: str) -> Any:
+    """``resolve(data, key)`` for a model section: the family named in it gives the schema."""
+
+    def resolve(data: dict[str, Any], key: str) -> tuple[type, dict[str, Any]]:
+        if "name" in data:
+            raise ConfigError(f"config key '{key}.name' is no longer read: the model family is named by "
+                              f"'{key}.family' (e.g. {key}.family: vit); rename the key")
+        ref = data.get("family", default_family)
+        if not isinstance(ref, str):
+            raise ConfigError(f"config key '{key}.family': expected a family name, got {ref!r}")
+        data = {**data, "family": ref}
+        if ref == "":
+            section: type = ModelConfig  # no model (an unused teacher)
+        else:
+            from bigtrain.families import get_family
+
+            section = get_family(ref, f"{key}.family").config
+        valid = {f.name for f in fields(section)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(valid), n=1, cutoff=0.75)
+            hint = f" (did you mean '{key}.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"config key '{key}.{unknown[0]}' is not a key of {key}.family={ref or None}{hint}; valid keys: "
+                + ", ".join(f"{key}.{n}" for n in sorted(valid)))
+        return section, data
+
+    return resolve
 
 
 @dataclass
@@ -220,7 +242,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run output."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Training loop."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data."})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={
+        "help": "Model (keys depend on model.family).", "resolve": _model_section("vit")})
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(family=""), metadata={
+        "help": "A second, frozen model for tasks that use one (distillation); teacher.family '' = none.",
+        "resolve": _model_section("")})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer."})
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "LR schedule."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
@@ -228,7 +254,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA of the weights (a training component)."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallel layout."})
-    task: Literal["classification", "causal_lm"] = doc("classification", "Training objective (must suit model.name).")
+    task: str = doc("", "Training objective, one of the model family's tasks; '' = the family's default.")
     resume: str = doc(
         "auto", "'auto' = newest checkpoint of this run's current branch that verifies (damaged ones are moved "
         "aside, the next older is used), 'never' = start over (existing checkpoints are moved aside), or a checkpoint "
@@ -246,28 +272,30 @@ class Config:
     )
 
     def validate(self) -> None:
-        """Cross-field checks that need more than one section (single-key bounds live in the schema)."""
-        m = self.model
-        plan_batches(self)  # the one place batch divisibility is checked (dp = pp = 1 here)
-        expected_task = {"vit": "classification", "llama": "causal_lm"}[m.name]
-        if self.task != expected_task:
-            raise ConfigError(f"config key 'task' ({self.task}) does not suit model.name={m.name}; use task={expected_task}")
-        if m.name == "vit":
-            self._validate_vit()
-        self._validate_rest()
+        """Cross-field checks that need more than one section (single-key bounds live in the schema).
+        Fills what the family decides: preset sizes, the default task and data source."""
+        from bigtrain.families import apply_preset, get_family
 
-    def _validate_vit(self) -> None:
-        m, d = self.model, self.data
-        if m.image_size != d.image_size:
-            raise ConfigError(f"config key 'model.image_size' ({m.image_size}) must equal 'data.image_size' ({d.image_size})")
-        if m.in_channels != d.channels:
-            raise ConfigError(f"config key 'model.in_channels' ({m.in_channels}) must equal 'data.channels' ({d.channels})")
-        if m.image_size % m.patch_size:
-            raise ConfigError(f"config key 'model.patch_size' ({m.patch_size}) must divide model.image_size ({m.image_size})")
-        for key in ("mean", "std"):
-            vals = getattr(d, key)
-            if len(vals) not in (1, d.channels):
-                raise ConfigError(f"config key 'data.{key}' needs 1 or {d.channels} values, got {len(vals)}")
+        plan_batches(self)  # the one place batch divisibility is checked (dp = pp = 1 here)
+        family = get_family(self.model.family)
+        apply_preset(self.model, family)
+        self.task = self.task or family.default_task
+        if self.task not in family.tasks:
+            raise ConfigError(f"config key 'task': {self.task!r} is not a task of model.family={self.model.family}; "
+                              f"its tasks: {', '.join(family.tasks)}")
+        self.data.source = self.data.source or next(iter(family.data_sources), "none")
+        if self.data.source not in (*family.data_sources, "none"):
+            raise ConfigError(f"config key 'data.source': {self.data.source!r} is not a data source of model.family="
+                              f"{self.model.family}; choose from {[*family.data_sources, 'none']}")
+        if self.teacher.family:
+            teacher = get_family(self.teacher.family, "teacher.family")
+            apply_preset(self.teacher, teacher, "teacher")
+            if not getattr(family.tasks[self.task], "uses_teacher", False):
+                raise ConfigError(f"config section 'teacher' is set (teacher.family={self.teacher.family}) but "
+                                  f"task={self.task} uses no teacher; remove it or pick a distillation task")
+        if family.validate is not None:
+            family.validate(self)
+        self._validate_rest()
 
     def _validate_rest(self) -> None:
         t, s = self.train, self.schedule
@@ -281,7 +309,7 @@ class Config:
                 raise ConfigError(f"config key 'train.preempt_signals': {name!r} is not a signal name (e.g. SIGUSR1)")
         if self.resume == "":
             raise ConfigError("config key 'resume' must be 'auto', 'never' or a checkpoint path")
-        valid = set(all_keys(Config))
+        valid = set(all_keys(self))
         for key in self.resume_allow_changes:
             if key not in valid:
                 raise ConfigError(f"config key 'resume_allow_changes': {key!r} is not a config key")

@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from bigtrain.config import ConfigError
 from bigtrain.config.schema import ParallelConfig
 from bigtrain.distributed.activation import apply_activation_checkpointing
 from bigtrain.distributed.data_parallel import apply_fsdp
@@ -81,11 +82,15 @@ def apply_tp(
 
 
 def parallelize_transformer(
-    model: nn.Module, blocks: nn.ModuleDict, ps: ParallelState, cfg: ParallelConfig, plan: BlockPlan,
-    has_embedding: bool, final_norm: str, param_dtype: torch.dtype | None,
+    model: nn.Module, blocks: nn.ModuleDict, ps: ParallelState, cfg: ParallelConfig, plan: BlockPlan | None,
+    has_embedding: bool, final_norm: str | None, param_dtype: torch.dtype | None,
 ) -> nn.Module:
-    """TP/SP, then activation checkpointing, then compile, then FSDP (ZeRO-2/3), on a model or a pipeline stage."""
+    """TP/SP, then activation checkpointing, then compile, then FSDP (ZeRO-2/3), on a model or a pipeline stage.
+    ``plan`` None: the model has no tensor-parallel plan (``parallel.tp`` must be 1)."""
     if ps.tp > 1:
+        if plan is None:
+            raise ConfigError(f"{type(model).__name__} declares no tensor-parallel plan: parallel.tp must be 1 "
+                              f"(got {ps.tp})")
         apply_tp(model, blocks, ps, plan, cfg.sequence_parallel, has_embedding, final_norm)
     apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
@@ -97,3 +102,11 @@ def parallelize_transformer(
     if cfg.zero >= 2 and ps.dp > 1:
         apply_fsdp(list(blocks.values()), model, ps, cfg.zero, param_dtype)
     return model
+
+
+def parallelize_blocks(model: nn.Module, ps: ParallelState, cfg: ParallelConfig, param_dtype: torch.dtype | None) -> nn.Module:
+    """The parallelize of a family that declares none: no tensor parallelism; activation
+    checkpointing, compile and FSDP units per entry of ``model.blocks`` (if the model has one)."""
+    blocks = getattr(model, "blocks", None)
+    blocks = blocks if isinstance(blocks, nn.ModuleDict) else nn.ModuleDict()
+    return parallelize_transformer(model, blocks, ps, cfg, None, False, None, param_dtype)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bigtrain.config import ConfigError
-from bigtrain.config.schema import ParallelConfig
+from bigtrain.config import Config, ConfigError
 from bigtrain.distributed.mesh import ParallelState
 from bigtrain.distributed.tensor_parallel import BlockPlan, parallelize_transformer
 from bigtrain.models.causal_lm import CausalLM
@@ -32,9 +31,10 @@ def check_lm_layout(model: CausalLM, ps: ParallelState, seq_len: int, sequence_p
             raise ConfigError(f"sequence parallel needs model.seq_len ({seq_len}) divisible by parallel.tp={ps.tp}")
 
 
-def parallelize_lm(model: CausalLM, ps: ParallelState, cfg: ParallelConfig, seq_len: int, param_dtype: torch.dtype | None) -> CausalLM:
+def parallelize_lm(model: CausalLM, ps: ParallelState, config: Config, param_dtype: torch.dtype | None) -> CausalLM:
+    cfg = config.parallel
     sp = cfg.sequence_parallel and ps.tp > 1
-    check_lm_layout(model, ps, seq_len, sp)
+    check_lm_layout(model, ps, config.model.seq_len, sp)
     if sp:
         model.sequence_shards = ps.tp  # rotary embeddings need the full length on later stages
     parallelize_transformer(model, model.layers, ps, cfg, LLAMA_PLAN, model.embed_tokens is not None, "norm", param_dtype)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bigtrain.config import ConfigError
-from bigtrain.config.schema import ParallelConfig
+from bigtrain.config import Config, ConfigError
 from bigtrain.distributed.mesh import ParallelState
 from bigtrain.distributed.tensor_parallel import BlockPlan, parallelize_transformer
 from bigtrain.models.vit import ViT
@@ -29,7 +28,8 @@ def check_vit_layout(model: ViT, ps: ParallelState, sequence_parallel: bool) -> 
             )
 
 
-def parallelize_vit(model: ViT, ps: ParallelState, cfg: ParallelConfig, param_dtype: torch.dtype | None) -> ViT:
-    check_vit_layout(model, ps, cfg.sequence_parallel and ps.tp > 1)
-    parallelize_transformer(model, model.blocks, ps, cfg, VIT_PLAN, model.patch_embed is not None, "norm", param_dtype)
+def parallelize_vit(model: ViT, ps: ParallelState, cfg: Config, param_dtype: torch.dtype | None) -> ViT:
+    check_vit_layout(model, ps, cfg.parallel.sequence_parallel and ps.tp > 1)
+    parallelize_transformer(model, model.blocks, ps, cfg.parallel, VIT_PLAN, model.patch_embed is not None, "norm",
+                            param_dtype)
     return model

@@ -1,0 +1,89 @@
+"""``model.family: llama`` — decoder-only causal LMs built from Hugging Face's ``LlamaForCausalLM``
+(re-housed for parallelism, see :mod:`bigtrain.models.causal_lm`), trained by next-token
+prediction on token shards, evaluated by held-out loss and perplexity, exported to HF format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigtrain.config import Config, ConfigError
+from bigtrain.eval.causal_lm import CausalLMEvaluator
+from bigtrain.families import EvalContext, Family
+from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
+from bigtrain.families.llama.parallelize import parallelize_lm
+from bigtrain.models.causal_lm import CausalLM, llama_config
+from bigtrain.tasks import CausalLMTask
+from data_pipeline import GlobalOrder, SplitInfo
+from data_pipeline.loader import TokenBatchDataset
+from data_pipeline.text import write_text_shards
+
+
+def build(m: LlamaModelConfig) -> CausalLM:
+    return CausalLM(llama_config(m.vocab_size, m.width, m.depth, m.num_heads, m.num_kv_heads, m.mlp_dim, m.seq_len))
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    missing = [k for k in ("width", "depth", "num_heads", "mlp_dim") if not getattr(m, k)]
+    if missing:
+        raise ConfigError(f"model.variant={m.variant} needs {', '.join('model.' + k for k in missing)} set")
+    if m.width % m.num_heads:
+        raise ConfigError(f"config key 'model.width' ({m.width}) is not divisible by model.num_heads ({m.num_heads})")
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"config key 'model.num_kv_heads' ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+
+
+def write_stdlib_text(cfg: Config, root: str) -> None:
+    """``data.source: stdlib_text``: byte-level token sequences of CPython's standard library sources."""
+    write_text_shards(root, seq_len=cfg.model.seq_len, max_bytes=cfg.data.text_max_bytes,
+                      samples_per_shard=cfg.data.samples_per_shard)
+
+
+def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
+    order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
+    return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error,
+                             cfg.data.max_member_bytes)
+
+
+def evaluator(cfg: Config, train: SplitInfo, evals: SplitInfo, ctx: EvalContext) -> CausalLMEvaluator:
+    return CausalLMEvaluator(evals, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=ctx.autocast,
+                             max_member_bytes=cfg.data.max_member_bytes, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                             dp_group=ctx.dp_group, device=ctx.device)
+
+
+def flops_per_sample(model: nn.Module, m: Any) -> float:
+    return float(model.train_flops_per_token(m.seq_len) * m.seq_len)
+
+
+def export_hf(model: nn.Module, out: str) -> None:
+    model.to_hf().save_pretrained(out, safe_serialization=True)
+
+
+def token_batch(m: Any, batch_size: int, generator: Any) -> dict[str, Any]:
+    return {"tokens": torch.randint(0, m.vocab_size, (batch_size, m.seq_len + 1), generator=generator),
+            "weight": torch.ones(batch_size)}
+
+
+FAMILY = Family(
+    name="llama",
+    description="decoder-only causal LM from Hugging Face's LlamaForCausalLM (GQA, SwiGLU, RoPE), next-token prediction",
+    config=LlamaModelConfig,
+    build=build,
+    tasks={"causal_lm": lambda cfg, model: CausalLMTask(model)},
+    train_data=train_data,
+    evaluator=evaluator,
+    flops_per_sample=flops_per_sample,
+    data_sources={"stdlib_text": write_stdlib_text},
+    presets=PRESETS,
+    debug_overrides=("model.variant=debug", "model.seq_len=64", "data.dir=data/stdlib_seq64", "data.text_max_bytes=300000",
+                     "data.eval_split=val", "train.global_batch_size=16", "eval.batch_size=64"),
+    parallelize=parallelize_lm,
+    pipeline=True,
+    validate=validate,
+    export_hf=export_hf,
+    sample_unit=lambda m: ("tokens", m.seq_len),
+    example_batch=token_batch,
+)
