@@ -138,6 +138,8 @@ class Trainer:
         self._committed_step = -1
         self.last_eval: dict[str, float] = {}
         t = cfg.train
+        self.preempt: PreemptionFlag | None = None  # set while fit() runs
+        self._flags = [False] * 5  # the control flags agreed in the last step's reduction
         self.guard = NumericalGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
         self.rollback_reason = ""  # set by train_step when the guard asks for a rollback
         self._bad_steps = 0  # how many steps (ending with the current one) the rollback blames
@@ -233,30 +235,36 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step. It synchronizes the host with the device once: the logs, the squared
+        gradient norm and the control flags (preemption, time budget, save due, asynchronous write
+        state) travel in one fp64 vector, reduced over all ranks in one collective and read once;
+        the guard's verdict, the clip and the control decisions all follow from it."""
         self._skip_bad_windows()
         batches = [batch_to_device(b, self.ps.device) for b in self.stream.next_step()]
         self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
         n = len(batches)
         if self.pipeline is not None:
             logs = self._pipeline_forward_backward(batches)
         else:
+            logs = {}
             for i, batch in enumerate(batches):
                 with self.dp.no_sync(last_micro_batch=i == n - 1), self.autocast():
                     out = self.task(batch)
                     out["loss"] = self._inject_loss_faults(out["loss"])
                 (out["loss"] / n).backward()
-                for key, value in out.items():
-                    logs[key] = logs.get(key, 0.0) + float(value.detach()) / n
+                for key, value in out.items():  # summed on the device: no host sync per micro-batch
+                    v = value.detach().double() / n
+                    logs[key] = logs[key] + v if key in logs else v
         self.dp.sync_grads()
         # bad samples met this step, counted once per dp rank (pp rank 0 only: all pp ranks read the batch)
-        logs["data_skipped"] = float(sum(b.get("num_errors", 0) for b in batches)) if self.ps.pp_rank == 0 else 0.0
-        logs = self._reduce_logs(logs)
+        skipped = float(sum(b.get("num_errors", 0) for b in batches)) if self.ps.pp_rank == 0 else 0.0
+        logs, grad_sq, self._flags = self._reduce_step(logs, skipped, self.dp.grad_sq_share())
         self.state.data_skipped += round(logs.pop("data_skipped") * self.ps.dp)  # mean over dp -> global sum
         # The schedule is the single source of truth for this step's LR: set it
         # here, after any checkpoint load that may have restored stale group LRs.
         lr = self.schedule.apply()
-        grad_norm = self.dp.clip_grad_norm(self.cfg.optim.grad_clip_norm)
+        grad_norm = math.sqrt(grad_sq) if not grad_sq < 0 else float("nan")  # nan/inf pass through
+        self.dp.clip_grads(grad_norm, self.cfg.optim.grad_clip_norm)
         # loss and norm are reduced over all ranks, so every rank reaches the same verdict
         verdict = self.guard.check(logs.get("loss", 0.0), grad_norm)
         if verdict.action == "ok":
@@ -283,7 +291,7 @@ class Trainer:
             return loss * 1000.0
         return loss
 
-    def _pipeline_forward_backward(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+    def _pipeline_forward_backward(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The schedule splits this rank's batch into micro-batches and runs forward/backward;
         losses and task logs exist on the last stage only (zeros elsewhere, summed later)."""
         assert self.pipeline is not None
@@ -295,20 +303,36 @@ class Trainer:
         # shapes: only the last len(losses) records belong to real micro-batches.
         mbs = self.task.pipeline_logs[len(self.task.pipeline_logs) - len(losses) :] if losses else []
         keys = ["loss", *sorted(k for k in self.task.pipeline_log_keys if k != "loss")]
-        return {k: sum(m[k] for m in mbs) / len(mbs) if mbs else 0.0 for k in keys}
+        zero = torch.zeros((), dtype=torch.float64, device=self.ps.device)  # stages without the loss
+        return {k: sum((m[k].double() for m in mbs), zero) / max(len(mbs), 1) for k in keys}
 
-    def _reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
-        """Logs of the whole step: summed over pipeline stages (only the last has them),
-        averaged over data-parallel ranks (equal local batch sizes)."""
-        if self.ps.dp == 1 and self.ps.pp == 1:
-            return logs
+    def _control_flags(self) -> list[bool]:
+        """This rank's view of: preemption signal, time budget over, save due, asynchronous write
+        still running, asynchronous write failed (made global by :meth:`_reduce_step`)."""
+        preempted = self.preempt is not None and self.preempt.received is not None
+        return [preempted, self._over_budget(), self._save_due(), not self.checkpointer.pending_write_done(),
+                self.checkpointer.pending_write_failed()]
+
+    def _reduce_step(self, logs: dict[str, Any], skipped: float, grad_sq: torch.Tensor) -> tuple[dict[str, float], float, list[bool]]:
+        """Everything a step must agree on, in one sum over all ranks: the logs (summed over
+        pipeline stages — only the last has them — and averaged over data-parallel ranks; tensor-
+        parallel ranks hold identical copies, so each rank adds 1/(dp x tp) of its value), this
+        rank's share of the squared gradient norm, and the control flags (a sum > 0 means some rank
+        raised it). Returns (logs, squared norm, flags), read from the device once."""
         keys = sorted(logs)
-        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.ps.device)
-        if self.ps.pp > 1:
-            dist.all_reduce(values, group=self.ps.group("pp"))
-        if self.ps.dp > 1:
-            dist.all_reduce(values, group=self.ps.group("dp"))
-        return {k: float(v) / self.ps.dp for k, v in zip(keys, values)}
+        flags = self._control_flags()
+        share = 1.0 / (self.ps.dp * self.ps.tp)
+        device = self.ps.device
+        values = torch.stack([logs[k].to(device, torch.float64) for k in keys]) if keys else \
+            torch.zeros(0, dtype=torch.float64, device=device)
+        host = torch.tensor([skipped * share, *map(float, flags)], dtype=torch.float64)
+        vector = torch.cat([values * share, grad_sq.reshape(1), host.to(device)])  # one small host-to-device copy
+        if self.ps.world_size > 1:
+            dist.all_reduce(vector)
+        out = vector.tolist()  # the step's one host synchronization
+        k = len(keys)
+        reduced = dict(zip(keys, out[:k]), data_skipped=out[k + 1])
+        return reduced, out[k], [v > 0 for v in out[k + 2 :]]
 
     # --- loop ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -340,11 +364,9 @@ class Trainer:
         return minutes > 0 and (time.monotonic() - self._last_save_t) > minutes * 60
 
     def _control(self, preempt: PreemptionFlag) -> tuple[bool, bool, bool]:
-        """(stop, save now, commit the async save): one agreement over all ranks per step."""
-        signalled, budget, due, writing, failed = agree([
-            preempt.received is not None, self._over_budget(), self._save_due(),
-            not self.checkpointer.pending_write_done(), self.checkpointer.pending_write_failed(),
-        ], device=self.ps.device)
+        """(stop, save now, commit the async save), from the flags every rank agreed on in the step's
+        reduction (a signal that arrives during the optimizer step is acted on one step later)."""
+        signalled, budget, due, writing, failed = self._flags
         if failed and not writing:
             # A rank's shard is missing: committing would publish an incomplete checkpoint. Its files
             # are removed (a full disk must not stay full); training goes on, the next save retries.
@@ -402,7 +424,7 @@ class Trainer:
         raises (the trained state is on disk by then)."""
         self.metrics = metrics
         self._log({})
-        preempt = PreemptionFlag(self.cfg.train.preempt_signals)
+        preempt = self.preempt = PreemptionFlag(self.cfg.train.preempt_signals)
         preempt.install()
         progress = Progress(self.cfg.train.steps, self.state.step, self.cfg.log.progress, self.rank == 0)
         try:
@@ -419,6 +441,7 @@ class Trainer:
         finally:
             progress.close()
             preempt.restore()
+            self.preempt = None
         self.checkpointer.wait()  # pruned checkpoints are gone when fit returns
         return status
 

@@ -1,8 +1,8 @@
-"""Data parallelism with ZeRO stages 0-3, plus the distributed gradient-norm clip.
+"""Data parallelism with ZeRO stages 0-3, plus the global gradient norm and its clip.
 
 * ZeRO-0/1: parameters stay replicated over ``dp`` (TP shards stay local
-  DTensors); gradients are averaged with bucketed all-reduces after the last
-  micro-batch. ZeRO-1 additionally partitions parameters among dp ranks: each
+  DTensors); gradients are averaged with bucketed all-reduces that run while
+  the last micro-batch's backward still computes (after it, under PP). ZeRO-1 additionally partitions parameters among dp ranks: each
   rank keeps optimizer state for and updates only the parameters it owns, then
   owners broadcast the updated values. Working on local tensors (not on DDP)
   is what lets this compose with tensor and pipeline parallelism.
@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,73 @@ def _flat_collective(tensors: list[torch.Tensor], op: str, group: dist.ProcessGr
             offset += n
 
 
+class OverlappedAllReduce:
+    """ZeRO-0/1 gradient averaging that runs while backward still computes, as DDP does.
+
+    Parameters are grouped into buckets (about ``cap_bytes`` each) in reverse registration order,
+    the order backward produces their gradients. A post-accumulate-grad hook counts each
+    parameter's gradient in during the step's last micro-batch; a bucket whose gradients are all
+    there is flattened and all-reduced asynchronously. Buckets are launched strictly in index
+    order, so every rank issues the same collectives in the same order whatever order its hooks
+    fire in. :meth:`finish` launches what backward did not complete (parameters that got no
+    gradient contribute zeros), waits, and writes the averages back.
+    """
+
+    def __init__(self, params: list[torch.Tensor], group: dist.ProcessGroup, scale: float,
+                 cap_bytes: int = 25 * 2**20) -> None:
+        self.params, self.group, self.scale = params, group, scale
+        order = list(reversed(range(len(params))))
+        self.buckets: list[list[int]] = []
+        for bucket in _buckets([_local(params[i]) for i in order], cap_bytes):
+            start = sum(len(b) for b in self.buckets)
+            self.buckets.append(order[start : start + len(bucket)])
+        self.bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
+        self.remaining = [len(b) for b in self.buckets]
+        self.launched: list[tuple[torch.Tensor, Any]] = []
+        self.armed = False
+        self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._ready, i)) for i, p in enumerate(params)]
+
+    def arm(self) -> None:
+        """The next backward is the step's last: reduce as gradients become final."""
+        self.armed = True
+        self.remaining = [len(b) for b in self.buckets]
+        self.launched = []
+
+    def _ready(self, index: int, param: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        self.remaining[self.bucket_of[index]] -= 1
+        while len(self.launched) < len(self.buckets) and self.remaining[len(self.launched)] == 0:
+            self._launch(len(self.launched))
+
+    @torch.no_grad()
+    def _launch(self, b: int) -> None:
+        grads = []
+        for i in self.buckets[b]:
+            p = self.params[i]
+            if p.grad is None:  # unused this step: zeros keep the buckets equal across ranks
+                p.grad = torch.zeros_like(p)
+            grads.append(_local(p.grad))
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.launched.append((flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        self.armed = False
+        for b in range(len(self.launched), len(self.buckets)):
+            self._launch(b)
+        for b, (flat, work) in enumerate(self.launched):
+            work.wait()
+            if self.scale != 1.0:
+                flat.mul_(self.scale)
+            offset = 0
+            for i in self.buckets[b]:
+                g = _local(self.params[i].grad)
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self.launched = []
+
+
 class DataParallel:
     """What the trainer calls around backward and the optimizer step, for every ZeRO stage."""
 
@@ -70,10 +139,13 @@ class DataParallel:
         self.params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
         self.group = ps.group("dp")
         self.owner: dict[int, int] = {}
+        self.overlap: OverlappedAllReduce | None = None
         if ps.dp > 1 and zero <= 1:
             self._broadcast_from_dp0()
             if zero == 1:
                 self._partition()
+            if ps.pp == 1:  # a pipeline schedule runs many backwards per step: reduce after it instead
+                self.overlap = OverlappedAllReduce(self.params, self.group, 1.0 / ps.dp)
 
     # --- ZeRO-0/1 -------------------------------------------------------------------
     def _group_rank(self, dp_rank: int) -> int:
@@ -97,7 +169,10 @@ class DataParallel:
         return self.zero != 1 or self.ps.dp == 1 or self.owner[index] == self.ps.dp_rank
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[None]:
-        """Skip FSDP gradient reduction on all but the last micro-batch of a step."""
+        """Reduce gradients only during the last micro-batch's backward (ZeRO-0/1: overlapped
+        bucketed all-reduce; ZeRO-2/3: FSDP's reduce-scatter)."""
+        if self.overlap is not None and last_micro_batch:
+            self.overlap.arm()
         if self.zero >= 2 and self.ps.dp > 1:
             for m in self.parts:
                 if isinstance(m, FSDPModule):
@@ -106,6 +181,10 @@ class DataParallel:
 
     @torch.no_grad()
     def sync_grads(self) -> None:
+        if self.overlap is not None:
+            self.overlap.finish()  # dp averages first: the sequence-parallel reduction below is linear
+            self._reduce_partial_grads()
+            return
         self._reduce_partial_grads()
         if self.ps.dp == 1 or self.zero >= 2:
             return  # FSDP reduce-scatters during backward
@@ -148,36 +227,37 @@ class DataParallel:
 
     # --- all stages -------------------------------------------------------------------
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Global L2 norm over every rank's gradients (DTensor-, FSDP- and PP-aware), then clip."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        # Sum of squares per set of mesh groups it must be reduced over: shards of a
-        # DTensor are disjoint along Shard dims and identical along Replicate dims.
-        by_groups: dict[tuple[dist.ProcessGroup, ...], list[torch.Tensor]] = {}
-        for g in grads:
-            groups: tuple[dist.ProcessGroup, ...] = ()
-            if isinstance(g, DTensor):
-                mesh = g.device_mesh
-                # any non-Replicate placement is a split (FSDP over TP uses _StridedShard,
-                # which is not a Shard); Partial grads were reduced in sync_grads
-                groups = tuple(mesh.get_group(i) for i, pl in enumerate(g.placements) if not pl.is_replicate())
-            by_groups.setdefault(groups, []).append(_local(g).detach())
-        total_sq = torch.zeros((), dtype=torch.float64, device=self.ps.device)
-        for groups, local in by_groups.items():
+    def grad_sq_share(self) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm (fp64, 0-dim, on the device).
+
+        Summed over every rank of the world it is the squared norm of the whole model's gradient
+        (DTensor-, FSDP-, TP- and PP-aware): each local piece is weighted by 1 / the number of
+        ranks holding an identical copy of it — a plain (replicated) gradient has dp x tp copies in
+        its pipeline stage, a DTensor one dp x tp / the sizes of the mesh dims that split it (any
+        non-Replicate placement; FSDP over TP uses _StridedShard, not a Shard). So the norm travels
+        in the step's one reduction with the logs and the control flags, not in collectives of its own."""
+        copies = self.ps.dp * self.ps.tp
+        by_weight: dict[float, list[torch.Tensor]] = {}
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            split = 1
+            if isinstance(g, DTensor):  # Partial gradients were reduced in sync_grads
+                split = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if not pl.is_replicate())
+            by_weight.setdefault(split / copies, []).append(_local(g).detach())
+        total = torch.zeros((), dtype=torch.float64, device=self.ps.device)
+        for weight, local in by_weight.items():
             # per-tensor norms in one multi-tensor kernel (as torch's clip_grad_norm_), summed in fp64
-            sq = torch.stack(torch._foreach_norm(local)).double().pow(2).sum()
-            for group in groups:
-                dist.all_reduce(sq, group=group)
-            total_sq += sq
-        if self.ps.pp > 1:  # each pipeline stage holds different parameters
-            dist.all_reduce(total_sq, group=self.ps.group("pp"))
-        norm = float(total_sq.sqrt())
-        if max_norm > 0 and math.isfinite(norm):
-            coef = min(1.0, max_norm / (norm + 1e-6))
-            if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return norm
+            total += torch.stack(torch._foreach_norm(local)).double().pow(2).sum() * weight
+        return total
+
+    @torch.no_grad()
+    def clip_grads(self, norm: float, max_norm: float) -> None:
+        """Scale every gradient so the global norm (already reduced) is at most ``max_norm``."""
+        if max_norm > 0 and math.isfinite(norm) and max_norm / (norm + 1e-6) < 1.0:
+            grads = [_local(p.grad) for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
 
 
 def apply_fsdp(blocks: list[nn.Module], root: nn.Module, ps: ParallelState, zero: int, param_dtype: torch.dtype | None) -> None:

@@ -21,7 +21,7 @@ class CausalLMTask(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.pipeline_logs: list[dict[str, float]] = []
+        self.pipeline_logs: list[dict[str, torch.Tensor]] = []
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.loss(self.model(self.pipeline_inputs(batch)), batch)
@@ -53,5 +53,5 @@ class CausalLMTask(nn.Module):
         batch = {"tokens": torch.cat([target[:, :1], target[:, :-1]], dim=1).long(), "weight": target[:, -1]}
         out = self.loss(logits, batch)
         if logits.device.type != "meta":
-            self.pipeline_logs.append({k: float(v.detach()) for k, v in out.items()})
+            self.pipeline_logs.append({k: v.detach() for k, v in out.items()})  # read once per step
         return out["loss"]

@@ -20,7 +20,7 @@ class ClassificationTask(nn.Module):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
-        self.pipeline_logs: list[dict[str, float]] = []  # per micro-batch, filled on the last stage
+        self.pipeline_logs: list[dict[str, torch.Tensor]] = []  # per micro-batch, filled on the last stage
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.loss(self.model(batch["image"]), batch)
@@ -51,5 +51,5 @@ class ClassificationTask(nn.Module):
     def pipeline_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out = self.loss(logits, {"label": target[:, 0].long(), "weight": target[:, 1]})
         if logits.device.type != "meta":
-            self.pipeline_logs.append({k: float(v.detach()) for k, v in out.items()})
+            self.pipeline_logs.append({k: v.detach() for k, v in out.items()})  # read once per step
         return out["loss"]

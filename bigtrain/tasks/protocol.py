@@ -39,7 +39,7 @@ class PipelineTask(Task, Protocol):
     last stage's output against the target, and each micro-batch's logs are kept for the trainer."""
 
     pipeline_log_keys: tuple[str, ...]  # the keys pipeline_loss records per micro-batch ("loss" first)
-    pipeline_logs: list[dict[str, float]]
+    pipeline_logs: list[dict[str, torch.Tensor]]  # detached 0-dim tensors: read by the trainer once per step
 
     def pipeline_inputs(self, batch: dict[str, Any]) -> torch.Tensor:
         """What the first stage receives (one tensor: the schedule splits it into micro-batches)."""
