@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -75,7 +76,11 @@ FAMILY = Family(
     presets={"debug": {"hidden": 32, "depth": 2}, "wide": {"hidden": 256, "depth": 2}},
     debug_overrides=("model.variant=debug", "data.image_size=16", "train.global_batch_size=32"),
     commands={"mlp-info": mlp_info},
+    benchmarks={"mlp-forward": lambda argv: mlp_info(argv)},
 )
+
+
+FAMILY_EP = dataclasses.replace(FAMILY, name="mlp_ep", commands={}, benchmarks={})  # installed as an entry point
 
 
 def _env() -> dict[str, str]:
@@ -149,10 +154,28 @@ def test_registered_family_gets_its_schema_presets_and_commands(capsys: pytest.C
         parallelize_blocks(MLP(cfg.model), ParallelState(cfg.parallel, LaunchEnv(), pp=1, dp=1, tp=2), cfg.parallel, None)
     from bigtrain.cli import main
 
+    wide = str(256 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10)
     assert main(["mlp-info", "model.variant=wide"]) == 0
-    assert capsys.readouterr().out.strip() == str(256 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10)
+    assert capsys.readouterr().out.strip() == wide
+    assert main(["bench", "mlp-forward", "model.variant=wide"]) == 0 and capsys.readouterr().out.strip() == wide
+    assert main(["bench"]) == 0 and "mlp-forward  (model.family=mlp)" in capsys.readouterr().out
+    assert main(["families"]) == 0 and "commands: mlp-info; benchmarks: mlp-forward" in capsys.readouterr().out
     with pytest.raises(ValueError, match="already registered"):
         register_family(Family(**{**FAMILY.__dict__, "commands": {}}))
+
+
+def test_family_from_an_entry_point(tmp_path: Path) -> None:
+    """An installed package declaring ``[project.entry-points."bigtrain.families"]`` is found by name."""
+    dist = tmp_path / "mlp_family-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlp-family\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[bigtrain.families]\nmlp_ep = test_families:FAMILY_EP\n")
+    code = ("from bigtrain.config import load_config; from bigtrain.families import family_names; "
+            "c = load_config(None, ['model.family=mlp_ep']); print(c.model.hidden, c.task, family_names())")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path), _env()["PYTHONPATH"]])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "32 classification ['llama', 'mlp_ep', 'vit']"
 
 
 def test_unknown_family_and_old_model_name_fail_before_work(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import signal
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -137,15 +138,29 @@ def _model_section(default_family: str) -> Any:
 
 @dataclass
 class OptimConfig:
-    name: str = doc("adamw", "Optimizer, by its registered name (built in: adamw, sgd; see bigtrain.optim.register_optimizer).")
+    name: str = doc("adamw", "Optimizer, by its registered name (built in: adamw, sgd, factored; see bigtrain.optim.register_optimizer).")
     lr: float = doc(1e-3, "Peak learning rate.", ge=0)
     beta1: float = doc(0.9, "Adam beta1 / SGD momentum.")
     beta2: float = doc(0.999, "Adam beta2.")
     eps: float = doc(1e-8, "Adam epsilon.", gt=0)
-    weight_decay: float = doc(1e-4, "Decoupled weight decay of body weights (not norms/biases/position embeddings).")
+    weight_decay: float = doc(
+        1e-4, "Decoupled weight decay of body weights (not norms/biases/position embeddings). adamw/sgd: relative to "
+        "the LR (p *= 1 - lr_t * wd, torch's convention); factored: absolute, scaled by the schedule only "
+        "(p *= 1 - s_t * wd, s_t = lr_t / optim.lr; big_vision's convention: ViT-G uses 0.03 * lr).")
     head_weight_decay: float = doc(
-        -1.0, "Decoupled weight decay of the classifier head (paper: much larger than body); -1 = same as weight_decay."
+        -1.0, "Decoupled weight decay of the classifier head (paper: much larger than body), in the optimizer's "
+        "convention above; -1 = same as weight_decay. Ignored when optim.wd_mults is set."
     )
+    wd_mults: list[str] = doc(
+        [], "factored: big_vision's per-parameter weight decay, 'REGEX=MULT' (first match on the parameter name; "
+        "a parameter matching none gets no decay), e.g. ['head\\..*weight=100', '.*weight=1']; decay = "
+        "optim.weight_decay x MULT. [] = the groups above.")
+    momentum_dtype: Literal["bfloat16", "float32"] = doc("bfloat16", "factored: storage dtype of the momentum.")
+    min_dim_size_to_factor: int = doc(
+        32, "factored: factor the second moment of tensors whose second-largest dim is at least this.", gt=0)
+    beta2_cap: float = doc(0.999, "factored: beta2(t) = min(beta2_cap, 1 - t^-beta2_decay_rate).", gt=0, le=1)
+    beta2_decay_rate: float = doc(0.8, "factored: see optim.beta2_cap.", gt=0)
+    update_clip: float = doc(0.0, "factored: divide each update by max(1, RMS(update) / this); 0 = off.", ge=0)
     head_lr_mult: float = doc(1.0, "Learning-rate multiplier of the classifier head.", ge=0)
     grad_clip_norm: float = doc(1.0, "Clip global gradient norm to this value; 0 = no clipping.", ge=0)
 
@@ -299,6 +314,15 @@ class Config:
 
     def _validate_rest(self) -> None:
         t, s = self.train, self.schedule
+        for rule in self.optim.wd_mults:
+            pattern, sep, mult = rule.rpartition("=")
+            try:
+                re.compile(pattern)
+                float(mult)
+            except (re.error, ValueError):
+                sep = ""
+            if not sep:
+                raise ConfigError(f"config key 'optim.wd_mults': {rule!r} is not 'REGEX=MULT' (e.g. 'head\\..*weight=100')")
         if s.warmup_steps + s.cooldown_steps > t.steps:
             raise ConfigError(
                 f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' "

@@ -11,7 +11,8 @@ Where families come from, in the order a name is looked up:
 * :func:`register_family` (in-process, e.g. a script or a test);
 * bigtrain's own: every subpackage of ``bigtrain.families`` that defines ``FAMILY``;
 * the ``bigtrain.families`` entry-point group of installed packages
-  (``[project.entry-points."bigtrain.families"] mlp = "mypkg.family:FAMILY"``);
+  (``[project.entry-points."bigtrain.families"] mlp = "mypkg.family:FAMILY"``; the entry point
+  is named like the family);
 * ``model.family: "package.module:ATTRIBUTE"`` — imported on use, in every rank.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from data_pipeline import SplitInfo
 
 ENTRY_POINT_GROUP = "bigtrain.families"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,12 @@ def _scan_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _REGISTRY:
+        if ep.name in _REGISTRY:
+            continue
+        try:  # one broken installed package must not take every other family down with it
             register_family(_check_loaded(ep.load(), f"entry point {ep.name} = {ep.value}"))
+        except Exception as exc:  # noqa: BLE001 - reported, and the family stays unknown
+            log.warning("model family entry point %s = %s does not load: %s", ep.name, ep.value, exc)
 
 
 def _check_loaded(obj: Any, where: str) -> Family:
@@ -178,7 +185,12 @@ def _import_family(ref: str) -> Family:
     if not hasattr(module, attr):
         raise ConfigError(f"config key 'model.family': module {module_name!r} has no attribute {attr!r}")
     family = _check_loaded(getattr(module, attr), f"model.family={ref}")
-    return register_family(family) if _REGISTRY.get(family.name) is not family else family
+    if _REGISTRY.get(family.name) is family:
+        return family
+    try:
+        return register_family(family)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.family': {ref} cannot be used: {exc}") from None
 
 
 def family_names() -> list[str]:

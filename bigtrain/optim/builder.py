@@ -132,6 +132,31 @@ register_optimizer(OptimizerSpec(
 ))
 
 
+def _build_factored(groups: list[dict[str, Any]], cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    import re
+
+    from bigtrain.optim.factored import Factored
+
+    for g in groups:
+        g["base_lr"] = cfg.lr * g.get("lr_mult", 1.0)  # s_t = lr_t / base_lr scales the absolute weight decay
+    opt = Factored(groups, lr=cfg.lr, beta1=cfg.beta1, min_dim_size_to_factor=cfg.min_dim_size_to_factor,
+                   decay_rate=cfg.beta2_decay_rate, beta2_cap=cfg.beta2_cap, clip_threshold=cfg.update_clip,
+                   momentum_dtype=getattr(torch, cfg.momentum_dtype))
+    if cfg.wd_mults:
+        rules = [(re.compile(pattern), float(mult)) for pattern, mult in (r.rsplit("=", 1) for r in cfg.wd_mults)]
+        for g in groups:
+            for name, p in zip(g["names"], g["params"]):
+                opt.param_wd[p] = cfg.weight_decay * next((m for rx, m in rules if rx.fullmatch(name)), 0.0)
+    return opt
+
+
+register_optimizer(OptimizerSpec(
+    "factored", _build_factored,
+    doc="big_vision's scale_by_adafactor (ViT-G): factored second moment, bf16 momentum, absolute weight decay; "
+        "works on FSDP2/TP DTensor shards (statistics all-reduced over the mesh dims that split them).",
+))
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, no_decay_names: set[str] | None = None, head_names: set[str] | None = None
 ) -> torch.optim.Optimizer:

@@ -67,7 +67,7 @@ def compare(ref: dict, run: dict) -> dict:
 
     ``param_update_rel_diff`` = ||P - P_ref|| / ||P_ref - P_0|| over all parameters:
     the parameter difference relative to how far training moved them. (Per-tensor
-    relative errors mislead where a tensor barely moves.)
+    relative errors mislead where a tensor barely moves.) ``param_rel_diff`` = ||P - P_ref|| / ||P_ref||.
     """
     losses, initial, params = run["losses"], run["initial"], run["params"]
 
@@ -77,6 +77,7 @@ def compare(ref: dict, run: dict) -> dict:
     keys = sorted(ref["params"])
     diff = sum(float((params[k] - ref["params"][k]).double().pow(2).sum()) for k in keys if k in params) ** 0.5
     moved = sum(float((ref["params"][k] - ref["initial"][k]).double().pow(2).sum()) for k in keys) ** 0.5
+    norm = sum(float(ref["params"][k].double().pow(2).sum()) for k in keys) ** 0.5
     per_key = {k: float((params[k] - ref["params"][k]).norm()) for k in keys if k in params}
     worst = sorted(per_key, key=per_key.get, reverse=True)[:3]
     return {
@@ -86,6 +87,7 @@ def compare(ref: dict, run: dict) -> dict:
         "initial_param_max_abs_diff": max(float((initial[k] - ref["initial"][k]).abs().max()) for k in keys if k in initial),
         "max_param_abs_diff": max(per_key.values()),
         "param_update_rel_diff": diff / max(moved, 1e-30),
+        "param_rel_diff": diff / max(norm, 1e-30),
         "worst_tensors": {k: per_key[k] for k in worst},
         "missing_keys": sorted(set(keys) - set(params))[:5], "extra_keys": sorted(set(params) - set(keys))[:5],
     }

@@ -1,0 +1,161 @@
+"""The factored optimizer (big_vision's scale_by_adafactor) against an independent fp64 implementation
+of its formulas, and its sharded runs against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TEST_CONFIG
+from bigtrain.optim.factored import Factored, factored_dims
+
+SHAPES = [(64, 48), (40, 16), (3, 48, 40), (32, 32), (50,), (33, 64)]
+
+
+def reference_step(p, g, st, t, lr, wd, rel, beta1, bf16_m, min_dim=32, clip=0.0):
+    """One step of optax's scale_by_factored_rms + ema(debias=False) + big_vision's decoupled decay,
+    in float64 (written from the formulas, not from bigtrain's code)."""
+    beta2 = min(0.999, 1.0 - t ** -0.8)
+    g2 = g * g + 1e-30
+    shape = tuple(p.shape)
+    if len(shape) >= 2 and sorted(shape)[-2] >= min_dim:
+        order = sorted(range(len(shape)), key=lambda d: shape[d])
+        d1, d0 = order[-2], order[-1]
+        st["vr"] = beta2 * st.get("vr", 0.0) + (1 - beta2) * g2.mean(dim=d0)
+        st["vc"] = beta2 * st.get("vc", 0.0) + (1 - beta2) * g2.mean(dim=d1)
+        rd1 = d1 - 1 if d1 > d0 else d1
+        row_factor = (st["vr"] / st["vr"].mean(dim=rd1, keepdim=True)) ** -0.5
+        u = g * row_factor.unsqueeze(d0) * (st["vc"] ** -0.5).unsqueeze(d1)
+    else:
+        st["v"] = beta2 * st.get("v", 0.0) + (1 - beta2) * g2
+        u = g * st["v"] ** -0.5
+    if clip:
+        u = u / max(1.0, float(u.pow(2).mean().sqrt()) / clip)
+    m = beta1 * st.get("m", torch.zeros_like(p)) + (1 - beta1) * u
+    st["m"] = m.to(torch.bfloat16).double() if bf16_m else m
+    return p - lr * m - rel * wd * p
+
+
+@pytest.mark.parametrize("bf16_m,clip", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_matches_fp64_formulas_over_20_steps(bf16_m: bool, clip: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = Factored([{"params": params, "lr": 0.01, "base_lr": 0.02, "weight_decay": 0.3}], beta1=0.9,
+                   momentum_dtype=torch.bfloat16 if bf16_m else torch.float32, clip_threshold=clip)
+    ref = [p.detach().double().clone() for p in params]
+    states: list[dict] = [{} for _ in params]
+    for t in range(1, 21):
+        lr = 0.02 * min(1.0, t / 5)  # a warmup: the decay follows lr / base_lr
+        opt.param_groups[0]["lr"] = lr
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen) * (1 + i)
+            p.grad = g.clone()
+            ref[i] = reference_step(ref[i], g.double(), states[i], t, lr, 0.3, lr / 0.02, 0.9, bf16_m, clip=clip)
+        opt.step()
+    # fp32 momentum: 1e-6. bf16 momentum: where bigtrain's fp32 value and the fp64 reference's straddle
+    # a bf16 rounding boundary the stored momenta differ by one bf16 ulp (0.4%); a handful of such
+    # elements over 20 steps move the parameters by a few 1e-6
+    tol = 5e-6 if bf16_m else 1e-6
+    for shape, p, r in zip(SHAPES, params, ref):
+        rel = float((p.detach().double() - r).norm() / r.norm())
+        assert rel <= tol, (shape, rel)
+    assert factored_dims((64, 48), 32) == (0, 1) and factored_dims((40, 16), 32) is None
+    assert factored_dims((3, 48, 40), 32) == (1, 2) and factored_dims((32, 32), 32) == (1, 0)
+    state = opt.state[params[0]]
+    assert state["row"].shape == (48,) and state["col"].shape == (64,) and state["m"].dtype == opt.momentum_dtype
+    assert "v" in opt.state[params[1]] and opt.state[params[1]]["v"].shape == (40, 16)
+
+
+def test_state_bytes_per_parameter() -> None:
+    """About 2 bytes per parameter of a large matrix (bf16 momentum + row/col statistics)."""
+    p = torch.nn.Parameter(torch.zeros(1024, 4096))
+    opt = Factored([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    nbytes = sum(t.numel() * t.element_size() for t in opt.state[p].values())
+    assert 2.0 <= nbytes / p.numel() < 2.01
+
+
+LAYOUTS_2 = [["parallel.zero=1"], ["parallel.zero=3"], ["parallel.tp=2"]]
+# ViT-G's recipe values (lr 8e-4, absolute weight decay 0.03 x lr)
+FACTORED = ["optim.name=factored", "optim.lr=0.0008", "optim.weight_decay=0.000024"]
+# Parameters are compared relative to their norm: the factored optimizer adds its epsilon (1e-30) to
+# g^2 inside the square root, so gradient components at rounding-noise level (which differ between
+# layouts by the order of summation) still get updates of full size. Relative to how far training
+# moved the parameters the difference is ~1e-4 (AdamW, whose 1e-8 outside the root damps them: ~2e-6).
+PARAM_RTOL = 1e-5
+
+
+def _parity(tmp_path: Path, digits_dir: str, nproc: int, layouts: list[list[str]], extra: list[str]) -> dict:
+    common = ["--override", f"data.dir={digits_dir}"]
+    for o in ["model.dropout=0", "train.steps=20", "schedule.cooldown_steps=2", "checkpoint.every_steps=0",
+              "train.micro_batch_size=0", "parallel.timeout_s=120", *FACTORED, "eval.every_steps=0", *extra]:
+        common += ["--override", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref.pt"
+    base = [sys.executable, "-m", "bigtrain.tools.parity", "--config", str(TEST_CONFIG), *common, "--workdir", str(tmp_path)]
+    subprocess.run([*base, "--reference", str(ref)], check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+                           *base[1:], "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts)],
+                          env=env, cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _check(results: dict, n: int) -> None:
+    assert len(results) == n
+    for name, r in results.items():
+        print(name, {k: r[k] for k in ("max_loss_rel_diff", "param_rel_diff", "param_update_rel_diff")})
+    for name, r in results.items():
+        assert r["steps"] == 20 and r["same_keys"], name
+        assert r["param_rel_diff"] <= PARAM_RTOL, (name, r)
+        assert r["max_loss_rel_diff"] <= 1e-5, (name, r)
+
+
+def test_sharded_equals_one_process_two_ranks(digits_dir: str, tmp_path: Path) -> None:
+    """dp2 ZeRO-1, dp2 ZeRO-3 (the head's 11 rows split unevenly, 6 + 5), tp2."""
+    _check(_parity(tmp_path, digits_dir, 2, LAYOUTS_2, ["model.num_classes=11"]), len(LAYOUTS_2))
+
+
+def test_sharded_equals_one_process_uneven_fsdp_rows(digits_dir: str, tmp_path: Path) -> None:
+    """A factored matrix whose first dim (65) does not split evenly under FSDP (33 + 32 rows)."""
+    _check(_parity(tmp_path, digits_dir, 2, [["parallel.zero=3"]], ["model.mlp_dim=65"]), 1)
+
+
+@pytest.mark.slow
+def test_sharded_equals_one_process_dp2_tp2(digits_dir: str, tmp_path: Path) -> None:
+    layouts = [["parallel.dp=2", "parallel.tp=2", "parallel.zero=3"], ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"]]
+    _check(_parity(tmp_path, digits_dir, 4, layouts, []), len(layouts))
+
+
+def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path: Path) -> None:
+    """Save under dp2 ZeRO-3 (row/col statistics and momentum as DTensor shards), resume in one process
+    and under tp2: the continued run matches the uninterrupted one within the elastic tolerances."""
+    from test_resume import ELASTIC, LOSS_RTOL, model_params, torchrun, train_records
+
+    factored = FACTORED
+    ref_run = tmp_path / "dp2-zero3"
+    proc = torchrun(2, f"data.dir={digits_dir}", f"run.dir={ref_run}", *ELASTIC, *factored, "parallel.zero=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = ref_run / "checkpoints" / "step_00000004"
+    for nproc, layout in ((1, []), (2, ["parallel.tp=2"])):
+        run = tmp_path / f"resumed-{nproc}"
+        args = [f"data.dir={digits_dir}", f"run.dir={run}", *ELASTIC, *factored, *layout, f"resume={ckpt}"]
+        proc = torchrun(nproc, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref, got = train_records(ref_run), train_records(run)
+        assert sorted(got) == [5, 6, 7, 8]
+        for s in got:
+            assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=LOSS_RTOL), (layout, s)
+        final_ref = model_params(ref_run / "checkpoints" / "step_00000008")
+        final = model_params(run / "checkpoints" / "step_00000008")
+        diff = sum(float((final[k] - final_ref[k]).double().pow(2).sum()) for k in final_ref) ** 0.5
+        norm = sum(float(final_ref[k].double().pow(2).sum()) for k in final_ref) ** 0.5
+        assert diff / norm <= PARAM_RTOL, (layout, diff / norm)
