@@ -159,3 +159,32 @@ def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path: Path) -> None:
         diff = sum(float((final[k] - final_ref[k]).double().pow(2).sum()) for k in final_ref) ** 0.5
         norm = sum(float(final_ref[k].double().pow(2).sum()) for k in final_ref) ** 0.5
         assert diff / norm <= PARAM_RTOL, (layout, diff / norm)
+
+
+def test_vit_g14_recipe_config() -> None:
+    """The shipped ViT-G/14 recipe resolves to the paper's model and big_vision's optimizer settings."""
+    import re
+
+    from bigtrain.config import load_config
+    from bigtrain.recipes import build_model, num_params
+    from bigtrain.tasks import ClassificationTask
+
+    cfg = load_config(ROOT / "configs" / "vit" / "vit_g14.yaml")
+    assert (cfg.model.width, cfg.model.depth, cfg.model.mlp_dim, cfg.model.num_heads) == (1664, 48, 8192, 16)
+    assert cfg.optim.name == "factored" and cfg.optim.weight_decay == pytest.approx(0.03 * cfg.optim.lr)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert round(model.num_params(trunk_only=True) / 1e9, 3) == 1.843 and round(num_params(model) / 1e9, 3) == 1.917
+    rules = [(re.compile(p), float(m)) for p, m in (r.rsplit("=", 1) for r in cfg.optim.wd_mults)]
+    mult = {n: next((m for rx, m in rules if rx.fullmatch(n)), 0.0) for n, _ in model.named_parameters()}
+    assert mult["head.weight"] == 100 and mult["blocks.0.attn.q.weight"] == mult["pool.mlp.fc2.weight"] == 1
+    assert mult["patch_embed.weight"] == 1
+    assert mult["blocks.0.norm1.weight"] == mult["head.bias"] == mult["pos_embed"] == mult["pool.probe"] == 0
+    task = ClassificationTask(torch.nn.Identity(), loss="sigmoid")
+    logits = torch.randn(4, 5)
+    labels = torch.tensor([0, 3, 1, 4])
+    expected = -(torch.nn.functional.one_hot(labels, 5) * torch.nn.functional.logsigmoid(logits)
+                 + (1 - torch.nn.functional.one_hot(labels, 5)) * torch.nn.functional.logsigmoid(-logits)).sum(-1).mean()
+    assert float(task.loss(logits, {"label": labels})["loss"]) == pytest.approx(float(expected), rel=1e-6)
+    small = load_config(None, ["model.variant=debug", "model.head_bias_init=-10", "task=sigmoid_classification"])
+    assert torch.all(build_model(small).head.bias == -10.0)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 RESUME_FIXED = ("task", "model", "train.global_batch_size", "train.seed", "train.steps", "optim.name", "schedule")
 # model keys that change no tensor and no data: free to differ (the variant only names the sizes,
 # which are compared themselves once the preset filled them in)
-RESUME_FREE = ("model.dropout", "model.head_zero_init", "model.variant")
+RESUME_FREE = ("model.dropout", "model.head_zero_init", "model.head_bias_init", "model.variant")
 
 
 def migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:

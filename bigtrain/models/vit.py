@@ -46,6 +46,7 @@ class ViTArgs:
     posemb: str = "learned"  # learned | sincos2d
     dropout: float = 0.0
     head_zero_init: bool = True
+    head_bias_init: float = 0.0  # big_vision's init_head_bias: -10 with a sigmoid loss
 
     @classmethod
     def from_variant(cls, variant: str, **overrides: object) -> ViTArgs:
@@ -206,6 +207,8 @@ class ViT(nn.Module):
             nn.init.xavier_uniform_(self.pool.probe.view(1, -1))
         if self.head is not None and self.args.head_zero_init:
             nn.init.zeros_(self.head.weight)
+        if self.head is not None:
+            nn.init.constant_(self.head.bias, self.args.head_bias_init)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         # contiguous (batch, token, channel) layout: the transposed view would otherwise

@@ -16,10 +16,12 @@ class ClassificationTask(nn.Module):
     diffusion, distillation, LM) runs through the same loop.
     """
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, loss: str = "softmax") -> None:
         super().__init__()
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"classification loss must be 'softmax' or 'sigmoid', got {loss!r}")
         self.model = model
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.loss_kind = label_smoothing, loss
         self.pipeline_logs: list[dict[str, torch.Tensor]] = []  # per micro-batch, filled on the last stage
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -31,7 +33,13 @@ class ClassificationTask(nn.Module):
         weight = batch.get("weight")
         if weight is None:
             weight = torch.ones(labels.shape[0], device=logits.device)
-        per_sample = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing, reduction="none")
+        if self.loss_kind == "sigmoid":
+            # big_vision's sigmoid_xent: independent binary cross-entropies against the one-hot
+            # labels, summed over classes (multi-label style; "Scaling Vision Transformers")
+            targets = F.one_hot(labels, logits.shape[-1]).float()
+            per_sample = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").sum(-1)
+        else:
+            per_sample = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing, reduction="none")
         denom = weight.sum().clamp_min(1.0)
         loss = (per_sample * weight).sum() / denom
         with torch.no_grad():

@@ -29,7 +29,7 @@ def vit_args(m: ViTConfig) -> ViTArgs:
     args = ViTArgs(
         width=m.width, depth=m.depth, mlp_dim=m.mlp_dim, num_heads=m.num_heads, patch_size=m.patch_size,
         image_size=m.image_size, in_channels=m.in_channels, num_classes=m.num_classes, head=m.head, posemb=m.posemb,
-        dropout=m.dropout, head_zero_init=m.head_zero_init,
+        dropout=m.dropout, head_zero_init=m.head_zero_init, head_bias_init=m.head_bias_init,
     )
     try:
         args.check()
@@ -55,7 +55,8 @@ FAMILY = Family(
     description="Vision Transformer ('Scaling Vision Transformers' sizes Ti..G, cls/gap/MAP heads), image classification",
     config=ViTConfig,
     build=lambda m: ViT(vit_args(m)),
-    tasks={"classification": lambda cfg, model: ClassificationTask(model)},
+    tasks={"classification": lambda cfg, model: ClassificationTask(model),
+           "sigmoid_classification": lambda cfg, model: ClassificationTask(model, loss="sigmoid")},
     train_data=image_train_data,
     evaluator=classification_evaluator,
     flops_per_sample=flops_per_sample,

@@ -26,6 +26,9 @@ class ViTConfig(ModelConfig):
     posemb: Literal["learned", "sincos2d"] = doc("learned", "Position embedding type.")
     dropout: float = doc(0.0, "Dropout on attention output, MLP output and before the classifier.", ge=0, le=0.99)
     head_zero_init: bool = doc(True, "Zero-init the classifier (big_vision default).")
+    head_bias_init: float = doc(
+        0.0, "Initial classifier bias (big_vision's init_head_bias; -10 with task=sigmoid_classification, so the "
+        "first steps do not push every class down from p = 0.5).")
 
 
 PRESETS = {
