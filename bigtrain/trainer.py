@@ -326,7 +326,9 @@ class Trainer:
         values = torch.stack([logs[k].to(device, torch.float64) for k in keys]) if keys else \
             torch.zeros(0, dtype=torch.float64, device=device)
         host = torch.tensor([skipped * share, *map(float, flags)], dtype=torch.float64)
-        vector = torch.cat([values * share, grad_sq.reshape(1), host.to(device)])  # one small host-to-device copy
+        if device.type == "cuda":  # a copy from pageable memory would wait for the GPU's queue: a second sync
+            host = host.pin_memory()
+        vector = torch.cat([values * share, grad_sq.reshape(1), host.to(device, non_blocking=True)])
         if self.ps.world_size > 1:
             dist.all_reduce(vector)
         out = vector.tolist()  # the step's one host synchronization
