@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from bigtrain.config.schema import Config, ModelConfig
+    from bigtrain.config.schema import Config
     from bigtrain.distributed.mesh import ParallelState
     from data_pipeline import SplitInfo
 
