@@ -23,6 +23,7 @@ from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
 from bigtrain.families import EvalContext, Family, get_family
 from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer, check_optimizer
+from bigtrain.optim.builder import head_param_names, no_weight_decay_names
 from bigtrain.trainer import Trainer
 from data_pipeline import DataError, SplitInfo, TrainStream, load_split
 from data_pipeline.index import check_shards, find_foreign_shards, read_index
@@ -145,7 +146,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
-    optimizer = build_optimizer(model, cfg.optim, no_weight_decay(full), head_param_names(full))
+    optimizer = build_optimizer(model, cfg.optim, no_weight_decay_names(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     stream = TrainStream(
         train_dataset(cfg, train_split), batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
@@ -172,19 +173,6 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def no_weight_decay(model: nn.Module) -> set[str]:
-    """The model's own list (``model.no_weight_decay()``) or, by default, every parameter with fewer
-    than two dimensions (norms and biases)."""
-    own = getattr(model, "no_weight_decay", None)
-    return set(own()) if callable(own) else {n for n, p in model.named_parameters() if p.ndim < 2}
-
-
-def head_param_names(model: nn.Module) -> set[str]:
-    """Parameters of the classifier head (decoupled head weight decay, LR multiplier); none by default."""
-    own = getattr(model, "head_param_names", None)
-    return set(own()) if callable(own) else set()
 
 
 def schedule_spec(cfg: Config) -> ScheduleSpec:

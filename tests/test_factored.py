@@ -163,9 +163,8 @@ def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path: Path) -> None:
 
 def test_vit_g14_recipe_config() -> None:
     """The shipped ViT-G/14 recipe resolves to the paper's model and big_vision's optimizer settings."""
-    import re
-
     from bigtrain.config import load_config
+    from bigtrain.config.schema import parse_wd_mults
     from bigtrain.recipes import build_model, num_params
     from bigtrain.tasks import ClassificationTask
 
@@ -175,7 +174,7 @@ def test_vit_g14_recipe_config() -> None:
     with torch.device("meta"):
         model = build_model(cfg)
     assert round(model.num_params(trunk_only=True) / 1e9, 3) == 1.843 and round(num_params(model) / 1e9, 3) == 1.917
-    rules = [(re.compile(p), float(m)) for p, m in (r.rsplit("=", 1) for r in cfg.optim.wd_mults)]
+    rules = parse_wd_mults(cfg.optim.wd_mults)
     mult = {n: next((m for rx, m in rules if rx.fullmatch(n)), 0.0) for n, _ in model.named_parameters()}
     assert mult["head.weight"] == 100 and mult["blocks.0.attn.q.weight"] == mult["pool.mlp.fc2.weight"] == 1
     assert mult["patch_embed.weight"] == 1

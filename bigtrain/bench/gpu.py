@@ -203,7 +203,8 @@ def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work:
     from bigtrain.distributed import ParallelState
     from bigtrain.optim import LRSchedule, build_optimizer
     from bigtrain.families import get_family
-    from bigtrain.recipes import build_model, head_param_names, make_task, no_weight_decay, parallelize, schedule_spec
+    from bigtrain.optim.builder import head_param_names, no_weight_decay_names
+    from bigtrain.recipes import build_model, make_task, parallelize, schedule_spec
     from bigtrain.trainer import Trainer
 
     ps = ParallelState.create(cfg.parallel)
@@ -211,7 +212,7 @@ def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work:
         full = build_model(cfg)
     model = parallelize(get_family(cfg.model.family), build_model(cfg).to(ps.device), cfg, ps, None)
     task = make_task(cfg, model)
-    optimizer = build_optimizer(model, cfg.optim, no_weight_decay(full), head_param_names(full))
+    optimizer = build_optimizer(model, cfg.optim, no_weight_decay_names(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     trainer = Trainer(cfg, model, task, optimizer, schedule, SyntheticStream(_batch(cfg, device)),
                       Checkpointer(str(work / "bigtrain-speed")), parallel=ps)

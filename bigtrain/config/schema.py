@@ -165,6 +165,20 @@ class OptimConfig:
     grad_clip_norm: float = doc(1.0, "Clip global gradient norm to this value; 0 = no clipping.", ge=0)
 
 
+def parse_wd_mults(rules: list[str]) -> list[tuple[re.Pattern[str], float]]:
+    """``optim.wd_mults`` as (compiled pattern, multiplier) pairs, in order (first match wins)."""
+    parsed = []
+    for rule in rules:
+        pattern, sep, mult = rule.rpartition("=")
+        try:
+            parsed.append((re.compile(pattern), float(mult)))
+        except (re.error, ValueError):
+            sep = ""
+        if not sep:
+            raise ConfigError(f"config key 'optim.wd_mults': {rule!r} is not 'REGEX=MULT' (e.g. 'head\\..*weight=100')")
+    return parsed
+
+
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = doc(0, "Linear warmup from 0 to optim.lr over this many steps.", ge=0)
@@ -314,15 +328,7 @@ class Config:
 
     def _validate_rest(self) -> None:
         t, s = self.train, self.schedule
-        for rule in self.optim.wd_mults:
-            pattern, sep, mult = rule.rpartition("=")
-            try:
-                re.compile(pattern)
-                float(mult)
-            except (re.error, ValueError):
-                sep = ""
-            if not sep:
-                raise ConfigError(f"config key 'optim.wd_mults': {rule!r} is not 'REGEX=MULT' (e.g. 'head\\..*weight=100')")
+        parse_wd_mults(self.optim.wd_mults)
         if s.warmup_steps + s.cooldown_steps > t.steps:
             raise ConfigError(
                 f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' "

@@ -57,11 +57,16 @@ def _flat_collective(tensors: list[torch.Tensor], op: str, group: dist.ProcessGr
                 flat.mul_(scale)
         else:
             dist.broadcast(flat, src=src, group=group)
-        offset = 0
-        for t in bucket:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
+        _unflatten_into(flat, bucket)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` back into ``tensors`` (the inverse of their torch.cat)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
 
 
 class OverlappedAllReduce:
@@ -123,11 +128,7 @@ class OverlappedAllReduce:
             work.wait()
             if self.scale != 1.0:
                 flat.mul_(self.scale)
-            offset = 0
-            for i in self.buckets[b]:
-                g = _local(self.params[i].grad)
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            _unflatten_into(flat, [_local(self.params[i].grad) for i in self.buckets[b]])
         self.launched = []
 
 

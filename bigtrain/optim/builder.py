@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from bigtrain.config import ConfigError
-from bigtrain.config.schema import OptimConfig
+from bigtrain.config.schema import OptimConfig, parse_wd_mults
 
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -22,6 +22,19 @@ def clean_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The model's own list (``model.no_weight_decay()``) or, by default, every parameter with fewer
+    than two dimensions (norms and biases)."""
+    own = getattr(model, "no_weight_decay", None)
+    return set(own()) if callable(own) else {n for n, p in model.named_parameters() if p.ndim < 2}
+
+
+def head_param_names(model: nn.Module) -> set[str]:
+    """Parameters of the classifier head (decoupled head weight decay, LR multiplier); none by default."""
+    own = getattr(model, "head_param_names", None)
+    return set(own()) if callable(own) else set()
 
 
 def param_groups(
@@ -35,14 +48,15 @@ def param_groups(
     """Split trainable parameters into body-decay, no-decay and head groups.
 
     The model names its exempt parameters (``no_weight_decay()``: norms, biases,
-    position embeddings, tokens) and its classifier (``head_param_names()``),
+    position embeddings, tokens; default: parameters with < 2 dims) and its classifier
+    (``head_param_names()``; default: none),
     which gets its own decoupled weight decay and LR multiplier, as in
     "Scaling Vision Transformers". A pipeline stage is only part of a model,
     so the name sets can be given from the full model instead. Group order is
     fixed, so optimizer checkpoints line up between runs.
     """
-    no_wd = no_decay_names if no_decay_names is not None else getattr(model, "no_weight_decay", lambda: set())()
-    head = head_names if head_names is not None else getattr(model, "head_param_names", lambda: set())()
+    no_wd = no_decay_names if no_decay_names is not None else no_weight_decay_names(model)
+    head = head_names if head_names is not None else head_param_names(model)
     no_wd, head = {clean_name(n) for n in no_wd}, {clean_name(n) for n in head}
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "names": [], "weight_decay": weight_decay, "lr_mult": 1.0},
@@ -133,8 +147,6 @@ register_optimizer(OptimizerSpec(
 
 
 def _build_factored(groups: list[dict[str, Any]], cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    import re
-
     from bigtrain.optim.factored import Factored
 
     for g in groups:
@@ -143,7 +155,7 @@ def _build_factored(groups: list[dict[str, Any]], cfg: OptimConfig, model: nn.Mo
                    decay_rate=cfg.beta2_decay_rate, beta2_cap=cfg.beta2_cap, clip_threshold=cfg.update_clip,
                    momentum_dtype=getattr(torch, cfg.momentum_dtype))
     if cfg.wd_mults:
-        rules = [(re.compile(pattern), float(mult)) for pattern, mult in (r.rsplit("=", 1) for r in cfg.wd_mults)]
+        rules = parse_wd_mults(cfg.wd_mults)
         for g in groups:
             for name, p in zip(g["names"], g["params"]):
                 opt.param_wd[p] = cfg.weight_decay * next((m for rx, m in rules if rx.fullmatch(name)), 0.0)

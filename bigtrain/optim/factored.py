@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
+from bigtrain.distributed.data_parallel import _flat_collective, _local
+
 EPS = 1e-30
 STATS = ("row", "col", "norm")  # factored statistics: which dims each averages over is in _removed()
 
@@ -76,10 +78,6 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         stride.append(acc)
         acc *= size
     return tuple(reversed(stride))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Factored(torch.optim.Optimizer):
@@ -184,13 +182,7 @@ class Factored(torch.optim.Optimizer):
                         by_group.setdefault(group, []).append(stats[stat])
             out.append(stats)
         for group in sorted(by_group, key=_group_key):
-            tensors = by_group[group]
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            dist.all_reduce(flat, group=group[1])
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            _flat_collective(by_group[group], "allreduce", group[1])
         for (p, _, _, dims, _), stats in zip(work, out):
             for stat, t in stats.items():
                 t.div_(math.prod(p.shape[d] for d in _removed(stat, *dims)))
@@ -199,15 +191,12 @@ class Factored(torch.optim.Optimizer):
     def _clip_scales(self, work: list[Any]) -> list[torch.Tensor]:
         """Per parameter, max(1, RMS(u) / threshold) with the RMS over the whole (global) tensor."""
         sq = [_direction(state, dims, g).pow(2).sum().reshape(1) for _, _, state, dims, g in work]
-        by_group: dict[Any, list[int]] = {}
-        for i, (p, *_rest) in enumerate(work):
+        by_group: dict[Any, list[torch.Tensor]] = {}
+        for (p, *_rest), s in zip(work, sq):
             for group in _splitting_groups(p, tuple(range(p.ndim))):
-                by_group.setdefault(group, []).append(i)
+                by_group.setdefault(group, []).append(s)
         for group in sorted(by_group, key=_group_key):
-            flat = torch.cat([sq[i] for i in by_group[group]])
-            dist.all_reduce(flat, group=group[1])
-            for j, i in enumerate(by_group[group]):
-                sq[i] = flat[j : j + 1]
+            _flat_collective(by_group[group], "allreduce", group[1])
         return [torch.clamp((s / p.numel()).sqrt() / max(group["clip_threshold"], 1e-30), min=1.0)
                 for (p, group, *_rest), s in zip(work, sq)]
 
