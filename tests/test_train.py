@@ -163,7 +163,7 @@ def test_wandb_offline(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         (["checkpoint.keep_aside=-1"], "'checkpoint.keep_aside' must be >= 0"),
         (["data.max_member_bytes=-1"], "'data.max_member_bytes' must be >= 0"),
         (["resume_allow_changes=[train.stepz]"], "'train.stepz' is not a config key"),
-        (["optim.name=adafactor"], "unknown optimizer 'adafactor' (registered: adamw, factored, sgd)"),
+        (["optim.name=adafactor"], "unknown optimizer 'adafactor' (registered: adamw, adamw8bit, factored, sgd)"),
         pytest.param(["parallel.device=cuda"], "no CUDA device is available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
     ],

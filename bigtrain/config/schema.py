@@ -138,14 +138,14 @@ def _model_section(default_family: str) -> Any:
 
 @dataclass
 class OptimConfig:
-    name: str = doc("adamw", "Optimizer, by its registered name (built in: adamw, sgd, factored; see bigtrain.optim.register_optimizer).")
+    name: str = doc("adamw", "Optimizer, by its registered name (built in: adamw, adamw8bit, factored, sgd; see bigtrain.optim.register_optimizer).")
     lr: float = doc(1e-3, "Peak learning rate.", ge=0)
-    beta1: float = doc(0.9, "Adam beta1 / SGD momentum.")
+    beta1: float = doc(0.9, "Adam beta1 / SGD momentum (factored: its momentum's EMA rate).")
     beta2: float = doc(0.999, "Adam beta2.")
     eps: float = doc(1e-8, "Adam epsilon.", gt=0)
     weight_decay: float = doc(
-        1e-4, "Decoupled weight decay of body weights (not norms/biases/position embeddings). adamw/sgd: relative to "
-        "the LR (p *= 1 - lr_t * wd, torch's convention); factored: absolute, scaled by the schedule only "
+        1e-4, "Weight decay of body weights (not norms/biases/position embeddings). adamw/adamw8bit: decoupled, "
+        "relative to the LR (p *= 1 - lr_t * wd, torch's convention); sgd: L2, added to the gradient (torch's SGD); factored: absolute, scaled by the schedule only "
         "(p *= 1 - s_t * wd, s_t = lr_t / optim.lr; big_vision's convention: ViT-G uses 0.03 * lr).")
     head_weight_decay: float = doc(
         -1.0, "Decoupled weight decay of the classifier head (paper: much larger than body), in the optimizer's "

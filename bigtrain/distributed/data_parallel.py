@@ -47,12 +47,14 @@ def _buckets(tensors: list[torch.Tensor], cap_bytes: int = 25 * 2**20) -> Iterat
         yield bucket
 
 
-def _flat_collective(tensors: list[torch.Tensor], op: str, group: dist.ProcessGroup, src: int = 0, scale: float = 1.0) -> None:
-    """All-reduce (sum, then scale) or broadcast a list of tensors through one flat buffer."""
+def _flat_collective(tensors: list[torch.Tensor], op: str, group: dist.ProcessGroup, src: int = 0, scale: float = 1.0,
+                     reduce_op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+    """All-reduce (``reduce_op``, sum by default, then scale) or broadcast a list of tensors through
+    one flat buffer."""
     for bucket in _buckets(tensors):
         flat = torch.cat([t.reshape(-1) for t in bucket])
         if op == "allreduce":
-            dist.all_reduce(flat, group=group)
+            dist.all_reduce(flat, op=reduce_op, group=group)
             if scale != 1.0:
                 flat.mul_(scale)
         else:

@@ -169,6 +169,20 @@ register_optimizer(OptimizerSpec(
 ))
 
 
+register_optimizer(OptimizerSpec(
+    "adamw8bit",
+    lambda groups, cfg, model: _adamw8bit()(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps),
+    doc="AdamW with 8-bit blockwise-quantized m and v (block 256, 2.03 B/param; tensors with < 2 dims or "
+        "< 4096 elements keep fp32 state); blocks are aligned to the global tensor, so DCP reshards it.",
+))
+
+
+def _adamw8bit() -> type[torch.optim.Optimizer]:
+    from bigtrain.optim.adamw8bit import AdamW8bit
+
+    return AdamW8bit
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, no_decay_names: set[str] | None = None, head_names: set[str] | None = None
 ) -> torch.optim.Optimizer:
