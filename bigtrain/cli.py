@@ -36,6 +36,9 @@ commands:
   eval CONFIG [key=value ...]     evaluate the checkpoint chosen by `resume` (default: latest in run.dir)
   data ...                        write/inspect webdataset shards (see `bigtrain data --help`)
   report RUN_DIR                  draw RUN_DIR/metrics.jsonl into RUN_DIR/report.png
+  estimate CONFIG [key=value ...] [--world-size N] [--device cpu|cuda] [--json]
+                                  memory per rank (parameters, gradients, optimizer state, activations,
+                                  FSDP buffers, EMA/teacher, runtime) from the meta model, no allocation
   config describe [--family F]    list every config key with type, default and meaning
   families                        list the model families (presets, tasks, data sources, commands)
   bench [NAME [args]]             list / run the benchmarks families registered
@@ -164,6 +167,38 @@ def cmd_config(argv: list[str]) -> int:
     return EXIT_BAD_INPUT
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    import argparse
+
+    from bigtrain.memory import GiB, device_memory, estimate
+
+    ap = argparse.ArgumentParser(prog="bigtrain estimate", description="Memory per rank of a training run, "
+                                 "estimated from the meta model (nothing is allocated).")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    ap.add_argument("--world-size", type=int, default=1, help="processes of the run (parallel.dp/tp/pp divide it)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the ranks train")
+    ap.add_argument("--ranks-per-node", type=int, default=0,
+                    help="cpu: ranks sharing this host's RAM for the fits/does-not-fit line (default: all)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = ap.parse_args(argv)
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1 (got {args.world_size})")
+    est = estimate(load_config(args.config, args.overrides), args.world_size, args.device)
+    if args.device == "cpu":
+        import torch
+
+        est.device_bytes = device_memory(torch.device("cpu"), args.ranks_per_node or args.world_size)
+    if args.json:
+        print(json.dumps(est.to_json(), indent=1))
+        return 0
+    print(est.table())
+    if est.device_bytes:
+        verdict = "fits" if est.total <= est.device_bytes else "does NOT fit (bigtrain train refuses it)"
+        print(f"  {verdict}: {est.total / GiB:.2f} of {est.device_bytes / GiB:.2f} GiB")
+    return 0
+
+
 def cmd_families(argv: list[str]) -> int:
     from bigtrain.families import all_families
 
@@ -240,6 +275,8 @@ def _main(argv: list[str] | None = None) -> int:
             return data_main(rest, prog="bigtrain data")
         if cmd == "families":
             return cmd_families(rest)
+        if cmd == "estimate":
+            return cmd_estimate(rest)
         if cmd == "bench":
             return cmd_bench(rest)
         from bigtrain.families import find_command

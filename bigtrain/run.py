@@ -9,7 +9,9 @@ resume, and the metrics log.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -18,6 +20,15 @@ from bigtrain.distributed import LaunchEnv, ParallelState
 from bigtrain.metrics import MetricsLogger, setup_logging
 from bigtrain.recipes import build_trainer
 from bigtrain.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def ranks_on_this_node(world_size: int) -> int:
+    """torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node ('4' or '4(x2)'), else the whole world."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or ""
+    m = re.match(r"\d+", value)
+    return int(m.group()) if m else world_size
 
 
 @dataclass
@@ -37,8 +48,16 @@ def prepare_run(cfg: Config, ps: ParallelState | None = None, training: bool = T
     """Everything a run needs on this rank. ``training``: write the resolved config to
     ``run.dir/config.yaml``, resume per ``resume`` (or ``init``), open ``metrics.jsonl`` (and wandb);
     otherwise only the trainer (evaluation, measurements)."""
+    from bigtrain.memory import release_freed_host_memory
+
+    release_freed_host_memory()  # before the model: its temporaries then leave RSS when freed
     ps = ps or ParallelState.create(cfg.parallel, LaunchEnv.detect())
     setup_logging(ps.rank)
+    if training and cfg.train.memory_check:
+        from bigtrain.memory import check_fits
+
+        est = check_fits(cfg, ps.world_size, ranks_on_this_node(ps.world_size), ps.device)  # refuses before any allocation
+        log.info("%s", est.table())
     trainer = build_trainer(cfg, ps)
     if not training:
         return Run(cfg, ps, trainer, None, None)

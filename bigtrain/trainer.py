@@ -438,7 +438,7 @@ class Trainer:
             if status == EXIT_OK and agree([preempt.received is not None], device=self.ps.device)[0]:
                 log.warning("signal during the final save: the final evaluation runs when the job is resubmitted")
                 status = EXIT_REQUEUE
-            if status == EXIT_OK:
+            if status == EXIT_OK and self.cfg.eval.final:
                 self._final_eval()
         finally:
             progress.close()

@@ -199,3 +199,37 @@ def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path) -> None:
         diff = sum(float((final[k] - final_ref[k]).double().pow(2).sum()) for k in final_ref) ** 0.5
         norm = sum(float(final_ref[k].double().pow(2).sum()) for k in final_ref) ** 0.5
         assert diff / norm <= PARAM_RTOL, (layout, diff / norm)
+
+
+@pytest.mark.parametrize("optim", [["optim.name=factored", "optim.lr=0.0008", "optim.weight_decay=0.000024"], EIGHT_BIT])
+def test_same_layout_resume_is_bit_exact(optim: list[str], digits_dir: str, tmp_path) -> None:
+    """Resumed from step 4, steps 5-8 and the final parameters are bit-identical to the uninterrupted run,
+    and the state keeps its saved dtypes (torch's load_state_dict would cast the bf16 momentum to fp32)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from test_resume import model_params, torchrun, train_records
+
+    common = [f"data.dir={digits_dir}", "train.steps=8", "checkpoint.every_steps=4", "schedule.cooldown_steps=2", *optim]
+    ref_run, run = tmp_path / "ref", tmp_path / "resumed"
+    proc = torchrun(1, *common, f"run.dir={ref_run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(1, *common, f"run.dir={run}", f"resume={ref_run / 'checkpoints' / 'step_00000004'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = train_records(ref_run), train_records(run)
+    assert [got[s]["loss"] for s in range(5, 9)] == [ref[s]["loss"] for s in range(5, 9)]
+    a, b = model_params(run / "checkpoints" / "step_00000008"), model_params(ref_run / "checkpoints" / "step_00000008")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    dcp_to_torch_save(str(run / "checkpoints" / "step_00000008"), str(tmp_path / "full.pt"))
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
+    dtypes = {str(v.dtype) for k, v in _flatten(state).items() if k.rsplit(".", 1)[-1] in ("m", "m_codes", "m_absmax")}
+    assert dtypes == ({"torch.bfloat16"} if "optim.name=factored" in optim else {"torch.uint8", "torch.float32"}), dtypes
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif torch.is_tensor(v):
+            out[f"{prefix}{k}"] = v
+    return out

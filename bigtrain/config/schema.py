@@ -35,6 +35,9 @@ class TrainConfig:
     )
     dtype: Literal["float32", "bfloat16"] = doc("float32", "Compute dtype (autocast); master weights stay fp32.")
     num_threads: int = doc(0, "torch intra-op threads per process; 0 keeps torch's default.", ge=0)
+    memory_check: bool = doc(
+        True, "Before allocating, estimate the memory per rank (`bigtrain estimate`) and refuse the run (exit 2) when "
+        "it exceeds the device's (GPU memory; on CPU, host RAM / the ranks on the node). false = try anyway.")
     tf32: bool = doc(True, "CUDA: allow TF32 tensor cores for fp32 matmuls and convolutions (no effect on CPU).")
     max_minutes: float = doc(
         0.0, "Stop once this wall time is used: save a checkpoint and exit with code 75 (requeue); 0 = no limit.", ge=0
@@ -191,6 +194,7 @@ class ScheduleConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = doc(0, "Evaluate every N steps; 0 = only at the end of training.", ge=0)
+    final: bool = doc(True, "Evaluate at the end of training (false: e.g. benchmarks, or a separate `bigtrain eval`).")
     batch_size: int = doc(256, "Evaluation batch size (per rank).", gt=0)
     fewshot: bool = doc(True, "Run few-shot linear probes on frozen pre-logit features.")
     fewshot_shots: list[int] = doc([1, 5, 10], "Shots per class for the few-shot probes.", gt=0)

@@ -37,6 +37,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
 from bigtrain.distributed.data_parallel import _flat_collective, _local
+from bigtrain.optim.state import KeepStateDtypes
 from bigtrain.optim.factored import _contiguous_stride, _group_key, _sharded_dim
 
 BLOCK = 256
@@ -136,7 +137,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.
     return values * scale
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(KeepStateDtypes, torch.optim.Optimizer):
     """See the module docstring. Groups carry ``lr``, ``betas``, ``eps`` and ``weight_decay``."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

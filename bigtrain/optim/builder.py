@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,9 @@ class OptimizerSpec:
       parameters it owns, then broadcasts them) changes nothing;
     * ``tp``: its update is elementwise, so a TP shard's update equals that slice of the
       full update (a factored or matrix-wise optimizer needs the whole matrix: no TP).
+
+    ``state_bytes(global_shape, local_shape, cfg)``: bytes of state it keeps for one parameter's local
+    shard (the memory estimator's optimizer row).
     """
 
     name: str
@@ -104,6 +108,7 @@ class OptimizerSpec:
     zero1: bool = True
     tp: bool = True
     doc: str = ""
+    state_bytes: Callable[[tuple[int, ...], tuple[int, ...], OptimConfig], int] = lambda g, local, cfg: 8 * math.prod(local)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {}
@@ -143,6 +148,7 @@ register_optimizer(OptimizerSpec(
 register_optimizer(OptimizerSpec(
     "sgd", lambda groups, cfg, model: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1),
     doc="SGD with momentum optim.beta1; elementwise.",
+    state_bytes=lambda g, local, cfg: 4 * math.prod(local) if cfg.beta1 else 0,
 ))
 
 
@@ -166,6 +172,7 @@ register_optimizer(OptimizerSpec(
     "factored", _build_factored,
     doc="big_vision's scale_by_adafactor (ViT-G): factored second moment, bf16 momentum, absolute weight decay; "
         "works on FSDP2/TP DTensor shards (statistics all-reduced over the mesh dims that split them).",
+    state_bytes=lambda g, local, cfg: _factored_state_bytes(g, local, cfg),
 ))
 
 
@@ -174,7 +181,32 @@ register_optimizer(OptimizerSpec(
     lambda groups, cfg, model: _adamw8bit()(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps),
     doc="AdamW with 8-bit blockwise-quantized m and v (block 256, 2.03 B/param; tensors with < 2 dims or "
         "< 4096 elements keep fp32 state); blocks are aligned to the global tensor, so DCP reshards it.",
+    state_bytes=lambda g, local, cfg: _adamw8bit_state_bytes(g, local),
 ))
+
+
+def _factored_state_bytes(shape: tuple[int, ...], local: tuple[int, ...], cfg: OptimConfig) -> int:
+    from bigtrain.optim.factored import factored_dims
+
+    n = math.prod(local)
+    momentum = n * (2 if cfg.momentum_dtype == "bfloat16" else 4) if cfg.beta1 > 0 else 0
+    dims = factored_dims(shape, cfg.min_dim_size_to_factor)
+    if dims is None:
+        return momentum + 4 * n
+    d0, d1 = dims
+    if n == 0:
+        return momentum
+    return momentum + 4 * (n // local[d0] + n // local[d1] + n // (local[d0] * local[d1]))
+
+
+def _adamw8bit_state_bytes(shape: tuple[int, ...], local: tuple[int, ...]) -> int:
+    from bigtrain.optim.adamw8bit import BLOCK, is_quantized
+
+    n = math.prod(local)
+    if not is_quantized(shape):
+        return 8 * n
+    rows = n // local[-1] if local[-1] else 0
+    return 2 * n + 2 * 4 * rows * -(-shape[-1] // BLOCK)
 
 
 def _adamw8bit() -> type[torch.optim.Optimizer]:

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
 from bigtrain.distributed.data_parallel import _flat_collective, _local
+from bigtrain.optim.state import KeepStateDtypes
 
 EPS = 1e-30
 STATS = ("row", "col", "norm")  # factored statistics: which dims each averages over is in _removed()
@@ -80,7 +81,7 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-class Factored(torch.optim.Optimizer):
+class Factored(KeepStateDtypes, torch.optim.Optimizer):
     """See the module docstring. Groups carry ``lr``, ``base_lr`` (the LR the schedule scales) and
     ``weight_decay`` (absolute, per step at the schedule's peak); ``param_wd`` optionally maps a
     parameter to its own weight decay (``optim.wd_mults``)."""
