@@ -181,7 +181,7 @@ def cmd_estimate(argv: list[str]) -> int:
     ap.add_argument("--ranks-per-node", type=int, default=0,
                     help="cpu: ranks sharing this host's RAM for the fits/does-not-fit line (default: all)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow the options
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1 (got {args.world_size})")
     est = estimate(load_config(args.config, args.overrides), args.world_size, args.device)

@@ -17,7 +17,9 @@ Rows (bytes on the most loaded rank):
   and outside the blocks (embedding, head, loss). Full activation checkpointing keeps each block's
   input plus one block's saved tensors while it is recomputed; TP splits the saved tensors of the
   blocks except those of hidden width (replicated unless sequence parallel, as Korthikanti et al.);
-  backward holds one more block's worth of activation gradients;
+  backward holds one more block's worth of activation gradients. Autocast does not act on ``meta``
+  tensors, so with ``train.dtype=bfloat16`` activations are counted at their fp32 size (an upper
+  bound: autocast keeps matmul outputs in bf16, norm inputs and statistics in fp32);
 * components: the EMA's fp32 shadow (sharded like the parameters), a teacher's parameters;
 * optimizer step working set: fp32 temporaries of the largest local parameter;
 * runtime baseline: the process before any model exists (interpreter, torch, process group; on
@@ -139,7 +141,7 @@ def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
 
     handles = [h for name, b in blocks.items() for h in (b.register_forward_pre_hook(pre(name)), b.register_forward_hook(post))]
     try:
-        with saved_tensors_hooks(pack, lambda t: t), _autocast(cfg):
+        with saved_tensors_hooks(pack, lambda t: t):
             task(batch)
     finally:
         for h in handles:
@@ -149,14 +151,6 @@ def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
     hidden_bytes = sum(b for b, d in saved.get(largest, {}).values() if d == hidden.get(largest))
     return ActivationProfile(micro_batch, per_block.get(largest, 0), hidden_bytes, inputs.get(largest, 0),
                              sum(b for b, _ in saved.get("", {}).values()), len(blocks))
-
-
-def _autocast(cfg: Config) -> Any:
-    import contextlib
-
-    if cfg.train.dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)  # meta tensors follow the CPU autocast policy
-    return contextlib.nullcontext()
 
 
 def _local_numel(p: torch.Tensor, name: str, block_params: set[str], dp: int, tp: int, fsdp: bool) -> tuple[int, ...]:
@@ -271,25 +265,52 @@ def _activations(cfg: Config, prof: ActivationProfile, nblocks: int, tp: int, pp
                    "outside_blocks": prof.outside, "in_flight": in_flight}
 
 
-def release_freed_host_memory() -> None:
+def release_freed_host_memory(threshold_mb: float = 4.0) -> bool:
     """Make glibc return freed large blocks to the OS (Linux): by default its mmap threshold grows
     to the largest block freed so far (up to 32 MiB), after which same-sized temporaries — a
     gradient's square in the optimizer, an activation's gradient — come from the heap and stay
     resident after they are freed. Measured on ViT-G/14 cut to 8 blocks, one optimizer step:
-    +0.72 GiB of RSS kept that way, 0 with a fixed 4 MiB threshold (README, "Memory"). A user's own
-    MALLOC_MMAP_THRESHOLD_ wins; BIGTRAIN_MMAP_THRESHOLD_MB=0 keeps glibc's default."""
+    +0.72 GiB of RSS kept that way, 0 with a fixed 4 MiB threshold; the price is a page fault per
+    page of every larger allocation (README, "Memory"). A user's own MALLOC_MMAP_THRESHOLD_ wins.
+    Returns whether the threshold was set."""
     import ctypes
     import ctypes.util
     import sys
 
-    mb = os.environ.get("BIGTRAIN_MMAP_THRESHOLD_MB", "4")
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ or mb == "0":
-        return
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, int(float(mb) * 2**20))  # M_MMAP_THRESHOLD (also freezes the trim threshold)
-    except (OSError, AttributeError, ValueError):  # not glibc (musl), or a bad value: keep the default
+        return bool(libc.mallopt(-3, int(threshold_mb * 2**20)))  # M_MMAP_THRESHOLD (also fixes the trim threshold)
+    except (OSError, AttributeError):  # not glibc (musl): keep the C library's behaviour
         log.debug("mallopt unavailable; host memory release left to the C library")
+        return False
+
+
+def prepare_memory(cfg: Config, world_size: int, local_world_size: int, device: torch.device,
+                   refuse: bool = True) -> MemoryEstimate | None:
+    """Before any allocation: estimate (train.memory_check / host_memory_release=auto), refuse a run
+    that cannot fit (``refuse``: training runs), and release freed host memory where memory is tight. The rule for ``auto``:
+    below half of the memory per rank, even the allocator's retention (at most 29% over the fixed-
+    threshold peak, measured) leaves the run far from an OOM, and small models keep their faster steps."""
+    mode = cfg.train.host_memory_release
+    check = refuse and cfg.train.memory_check
+    need = check or (mode == "auto" and device.type == "cpu")
+    est = None
+    if need:
+        est = estimate(cfg, world_size, device.type)
+        est.device_bytes = device_memory(device, local_world_size)
+        if check and est.total > est.device_bytes:
+            raise ConfigError(fits_message(est))
+    if releases_host_memory(mode, est, device):
+        release_freed_host_memory()
+    return est
+
+
+def releases_host_memory(mode: str, est: MemoryEstimate | None, device: torch.device) -> bool:
+    """train.host_memory_release: on, off, or auto = a CPU run whose estimate exceeds half of its memory."""
+    tight = est is not None and device.type == "cpu" and est.total > est.device_bytes / 2
+    return mode == "on" or (mode == "auto" and tight)
 
 
 def device_memory(device: torch.device, local_world_size: int) -> int:
@@ -300,16 +321,10 @@ def device_memory(device: torch.device, local_world_size: int) -> int:
     return pages // max(local_world_size, 1)
 
 
-def check_fits(cfg: Config, world_size: int, local_world_size: int, device: torch.device) -> MemoryEstimate:
-    """Refuse (ConfigError, exit 2) a run whose estimate exceeds the device memory, before allocation."""
-    est = estimate(cfg, world_size, device.type)
-    est.device_bytes = device_memory(device, local_world_size)
-    if est.total > est.device_bytes:
-        biggest = sorted(est.rows, key=est.rows.get, reverse=True)[:3]
-        raise ConfigError(
-            f"estimated {est.total / GiB:.1f} GiB per rank exceeds the {est.device_bytes / GiB:.1f} GiB available "
+def fits_message(est: MemoryEstimate) -> str:
+    biggest = sorted(est.rows, key=est.rows.get, reverse=True)[:3]
+    return (f"estimated {est.total / GiB:.1f} GiB per rank exceeds the {est.device_bytes / GiB:.1f} GiB available "
             f"(largest: {', '.join(f'{k} {est.rows[k] / GiB:.1f} GiB' for k in biggest)}); reduce it with "
             "parallel.zero=3, more ranks, parallel.activation_checkpointing=full, a smaller train.micro_batch_size "
             "or optim.name=factored/adamw8bit — or set train.memory_check=false to try anyway "
             "(`bigtrain estimate` shows every row)")
-    return est

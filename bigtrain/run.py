@@ -48,15 +48,13 @@ def prepare_run(cfg: Config, ps: ParallelState | None = None, training: bool = T
     """Everything a run needs on this rank. ``training``: write the resolved config to
     ``run.dir/config.yaml``, resume per ``resume`` (or ``init``), open ``metrics.jsonl`` (and wandb);
     otherwise only the trainer (evaluation, measurements)."""
-    from bigtrain.memory import release_freed_host_memory
-
-    release_freed_host_memory()  # before the model: its temporaries then leave RSS when freed
     ps = ps or ParallelState.create(cfg.parallel, LaunchEnv.detect())
     setup_logging(ps.rank)
-    if training and cfg.train.memory_check:
-        from bigtrain.memory import check_fits
+    from bigtrain.memory import prepare_memory
 
-        est = check_fits(cfg, ps.world_size, ranks_on_this_node(ps.world_size), ps.device)  # refuses before any allocation
+    # before the model exists: refuse a training run that cannot fit, tune the host allocator where memory is tight
+    est = prepare_memory(cfg, ps.world_size, ranks_on_this_node(ps.world_size), ps.device, refuse=training)
+    if est is not None and training:
         log.info("%s", est.table())
     trainer = build_trainer(cfg, ps)
     if not training:

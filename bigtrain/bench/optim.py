@@ -63,7 +63,7 @@ def train(name: str, seed: int, work: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     step_times = [r["step_time_s"] for r in records if r.get("kind") == "train"]
     final = [r for r in records if r.get("kind") == "eval"][-1]
-    return {"top1": final["top1"], "step_s": statistics.median(step_times[1:] or step_times)}
+    return {"top1": final["eval/top1"], "step_s": statistics.median(step_times[1:] or step_times)}
 
 
 def main(argv: list[str] | None = None) -> int:

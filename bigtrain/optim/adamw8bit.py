@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from bigtrain.distributed.data_parallel import _flat_collective, _local
 from bigtrain.optim.state import KeepStateDtypes
