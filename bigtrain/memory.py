@@ -163,20 +163,24 @@ def _local_numel(p: torch.Tensor, name: str, block_params: set[str], dp: int, tp
 
 
 def _stage_model(cfg: Config, pp: int) -> tuple[nn.Module, int]:
-    """The meta model of the pipeline stage with the most parameters (the whole model when pp == 1)."""
-    from bigtrain.distributed.pipeline import split_blocks
+    """The meta model of the pipeline rank holding the most parameters — all its stages (interleaved and
+    ZBV schedules give a rank several) — and its block count; the whole model when pp == 1."""
+    from bigtrain.distributed.pipeline import rank_stage_ids, split_blocks, stages_per_rank
     from bigtrain.recipes import build_model
 
     with torch.device("meta"):
         full = build_model(cfg)
     if pp == 1:
         return full, len(getattr(full, "blocks", []))
-    names = list(full.blocks.keys())
+    v = stages_per_rank(cfg.parallel)
+    layout = split_blocks(list(full.blocks.keys()), pp * v, cfg.parallel.pp_split)
     best, best_n, best_blocks = full, -1, 0
-    for i, keep in enumerate(split_blocks(names, pp, cfg.parallel.pp_split)):
+    for rank in range(pp):
+        ids = rank_stage_ids(rank, pp, v, cfg.parallel.pp_schedule)
+        keep = [name for i in ids for name in layout[i]]
         with torch.device("meta"):
             stage = build_model(cfg)
-        stage.prune_for_stage(keep, i == 0, i == pp - 1)
+        stage.prune_for_stage(keep, 0 in ids, pp * v - 1 in ids)
         n = sum(p.numel() for p in stage.parameters())
         if n > best_n:
             best, best_n, best_blocks = stage, n, len(keep)
@@ -298,7 +302,13 @@ def prepare_memory(cfg: Config, world_size: int, local_world_size: int, device: 
     need = check or (mode == "auto" and device.type == "cpu")
     est = None
     if need:
-        est = estimate(cfg, world_size, device.type)
+        try:
+            est = estimate(cfg, world_size, device.type)
+        except ConfigError:
+            raise  # the config itself is wrong: the run would fail the same way a moment later
+        except Exception as exc:  # a model the estimator cannot walk must not stop a run that may fit
+            log.warning("memory estimate failed (%s: %s): memory not checked", type(exc).__name__, exc)
+            return None
         est.device_bytes = device_memory(device, local_world_size)
         if check and est.total > est.device_bytes:
             raise ConfigError(fits_message(est))

@@ -46,6 +46,9 @@ def test_model_states_follow_the_zero_formulas() -> None:
     assert rows1["gradient all-reduce buckets"] == 4 * n
     rows_tp, _ = _states(["parallel.tp=2"], 2)
     assert 2 * n < rows_tp["parameters (fp32)"] < 4 * n  # block matrices halved; embeddings, norms and head whole
+    # pipeline: the rank with the most parameters; ZBV gives each rank two stages (rank 0: blocks 0 and 3)
+    rows_pp, _ = _states(["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.microbatches=4"], 2)
+    assert 1.5 * n < rows_pp["parameters (fp32)"] < 2.5 * n
 
 
 def test_optimizer_state_rows() -> None:
