@@ -180,7 +180,7 @@ def test_sharded_equals_one_process_dp2_tp2(digits_dir: str, tmp_path) -> None:
 def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path) -> None:
     """Save under dp2 ZeRO-3 (codes and absmax as DTensor shards), resume at dp4 ZeRO-3 and in one
     process: the continued run matches the uninterrupted one within the elastic tolerances."""
-    from test_resume import ELASTIC, LOSS_RTOL, model_params, torchrun, train_records
+    from test_resume import ELASTIC, check_elastic_continuation, torchrun
 
     ref_run = tmp_path / "dp2-zero3"
     proc = torchrun(2, f"data.dir={digits_dir}", f"run.dir={ref_run}", *ELASTIC, *EIGHT_BIT, "parallel.zero=3")
@@ -190,15 +190,7 @@ def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path) -> None:
         run = tmp_path / f"resumed-{nproc}"
         proc = torchrun(nproc, f"data.dir={digits_dir}", f"run.dir={run}", *ELASTIC, *EIGHT_BIT, *layout, f"resume={ckpt}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        ref, got = train_records(ref_run), train_records(run)
-        assert sorted(got) == [5, 6, 7, 8]
-        for s in got:
-            assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=LOSS_RTOL), (layout, s)
-        final_ref = model_params(ref_run / "checkpoints" / "step_00000008")
-        final = model_params(run / "checkpoints" / "step_00000008")
-        diff = sum(float((final[k] - final_ref[k]).double().pow(2).sum()) for k in final_ref) ** 0.5
-        norm = sum(float(final_ref[k].double().pow(2).sum()) for k in final_ref) ** 0.5
-        assert diff / norm <= PARAM_RTOL, (layout, diff / norm)
+        check_elastic_continuation(ref_run, run, layout, PARAM_RTOL)
 
 
 @pytest.mark.parametrize("optim", [["optim.name=factored", "optim.lr=0.0008", "optim.weight_decay=0.000024"], EIGHT_BIT])

@@ -140,7 +140,7 @@ def test_sharded_equals_one_process_dp2_tp2(digits_dir: str, tmp_path: Path) -> 
 def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path: Path) -> None:
     """Save under dp2 ZeRO-3 (row/col statistics and momentum as DTensor shards), resume in one process
     and under tp2: the continued run matches the uninterrupted one within the elastic tolerances."""
-    from test_resume import ELASTIC, LOSS_RTOL, model_params, torchrun, train_records
+    from test_resume import ELASTIC, check_elastic_continuation, torchrun
 
     factored = FACTORED
     ref_run = tmp_path / "dp2-zero3"
@@ -152,15 +152,7 @@ def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path: Path) -> None:
         args = [f"data.dir={digits_dir}", f"run.dir={run}", *ELASTIC, *factored, *layout, f"resume={ckpt}"]
         proc = torchrun(nproc, *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        ref, got = train_records(ref_run), train_records(run)
-        assert sorted(got) == [5, 6, 7, 8]
-        for s in got:
-            assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=LOSS_RTOL), (layout, s)
-        final_ref = model_params(ref_run / "checkpoints" / "step_00000008")
-        final = model_params(run / "checkpoints" / "step_00000008")
-        diff = sum(float((final[k] - final_ref[k]).double().pow(2).sum()) for k in final_ref) ** 0.5
-        norm = sum(float(final_ref[k].double().pow(2).sum()) for k in final_ref) ** 0.5
-        assert diff / norm <= PARAM_RTOL, (layout, diff / norm)
+        check_elastic_continuation(ref_run, run, layout, PARAM_RTOL)
 
 
 def test_vit_g14_recipe_config() -> None:

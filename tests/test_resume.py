@@ -54,6 +54,20 @@ def model_params(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=True)["model"]
 
 
+def check_elastic_continuation(ref_run: Path, run: Path, label: object, param_rtol: float) -> None:
+    """A run resumed from ``ref_run``'s step-4 checkpoint under another layout: steps 5-8 within
+    LOSS_RTOL of the uninterrupted run, final parameters within ``param_rtol`` of its norm."""
+    ref, got = train_records(ref_run), train_records(run)
+    assert sorted(got) == [5, 6, 7, 8]
+    for s in got:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=LOSS_RTOL), (label, s)
+    final_ref = model_params(ref_run / "checkpoints" / "step_00000008")
+    final = model_params(run / "checkpoints" / "step_00000008")
+    diff = sum(float((final[k] - final_ref[k]).double().pow(2).sum()) for k in final_ref) ** 0.5
+    norm = sum(float(final_ref[k].double().pow(2).sum()) for k in final_ref) ** 0.5
+    assert diff / norm <= param_rtol, (label, diff / norm)
+
+
 def rel_param_diff(a: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
     num = sum(float((a[k] - ref[k]).double().pow(2).sum()) for k in ref)
     den = sum(float((ref[k] - start[k]).double().pow(2).sum()) for k in ref)

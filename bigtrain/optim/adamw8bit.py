@@ -37,7 +37,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from bigtrain.distributed.data_parallel import _flat_collective, _local
-from bigtrain.optim.state import KeepStateDtypes
+from bigtrain.optim.state import KeepStateDtypes, params_to_step
 from bigtrain.optim.factored import _contiguous_stride, _group_key, _sharded_dim
 
 BLOCK = 256
@@ -193,19 +193,12 @@ class AdamW8bit(KeepStateDtypes, torch.optim.Optimizer):
         identically, for the update — so no full-size fp32 temporary is held across parameters."""
         assert closure is None, "closures are not supported"
         deferred = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p))
-                state["step"] += 1
-                blocks = self.blocks(p) if "m_codes" in state else None
-                if blocks is not None and blocks.groups:
-                    deferred.append((p, group, state, blocks))
-                else:
-                    self._update(p, group, state, blocks, None)
+        for p, group, state in params_to_step(self, lambda p, _group: self._init_state(p)):
+            blocks = self.blocks(p) if "m_codes" in state else None
+            if blocks is not None and blocks.groups:
+                deferred.append((p, group, state, blocks))
+            else:
+                self._update(p, group, state, blocks, None)
         if not deferred:
             return
         partial: list[tuple[torch.Tensor, torch.Tensor]] = []

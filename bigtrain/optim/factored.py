@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Placement, Shard, _StridedShard
 
 from bigtrain.distributed.data_parallel import _flat_collective, _local
-from bigtrain.optim.state import KeepStateDtypes
+from bigtrain.optim.state import KeepStateDtypes, params_to_step
 
 EPS = 1e-30
 STATS = ("row", "col", "norm")  # factored statistics: which dims each averages over is in _removed()
@@ -133,15 +133,8 @@ class Factored(KeepStateDtypes, torch.optim.Optimizer):
         update. With update clipping the direction is computed twice (once for its global RMS)."""
         assert closure is None, "closures are not supported"
         work = []  # (param, group, state, factored dims, fp32 local gradient)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(self._init_state(p, group))
-                state["step"] += 1
-                work.append((p, group, state, factored_dims(tuple(p.shape), group["min_dim"]), _local(p.grad).float()))
+        for p, group, state in params_to_step(self, self._init_state):
+            work.append((p, group, state, factored_dims(tuple(p.shape), group["min_dim"]), _local(p.grad).float()))
         sums = self._reduced_sums(work)
         for (_, group, state, dims, g), stat_sums in zip(work, sums):
             beta2 = min(group["beta2_cap"], 1.0 - float(state["step"]) ** -group["decay_rate"])

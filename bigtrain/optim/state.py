@@ -10,6 +10,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import Any
 
@@ -31,3 +32,19 @@ class KeepStateDtypes:
         for pid, p in zip(ids, params):
             if pid in saved:
                 self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved[pid].items()}
+
+
+def params_to_step(optimizer: torch.optim.Optimizer, init: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any]],
+                   ) -> Iterator[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]]:
+    """(parameter, group, state) of every parameter with a gradient, its state created by
+    ``init(p, group)`` on first use and its ``step`` counter advanced (ZeRO-1 leaves the parameters
+    another rank owns without a gradient: they get no state and no update)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            if not state:
+                state.update(init(p, group))
+            state["step"] += 1
+            yield p, group, state
