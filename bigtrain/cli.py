@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
+from bigtrain.resilience import settle
 from bigtrain.trainer import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
@@ -82,6 +83,7 @@ def cmd_train(argv: list[str]) -> int:
     try:
         status = _train(cfg, ps)
         ended = True
+        settle(status, [*cfg.train.preempt_signals, "SIGTERM"])
         return status
     finally:
         ps.destroy(together=ended)
@@ -228,7 +230,8 @@ def cmd_bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     rc = _main(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+    ranks = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"  # torchrun, or srun's tasks
+    if int(ranks) > 1 and argv is None:
         # A multi-process run whose work is done (results, checkpoints and logs written, process
         # groups destroyed) leaves without interpreter finalization: under load, torch 2.13 +
         # gloo occasionally aborted there ("terminate called without an active exception", about

@@ -13,6 +13,7 @@ flags and act on the common result.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections import deque
 from dataclasses import dataclass
@@ -43,6 +44,20 @@ class PreemptionFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def settle(status: int, signals: list[str]) -> None:
+    """The run's outcome is decided (and, for a stop, saved): from now on a signal must not turn it
+    into a kill. Under ``srun --kill-on-bad-exit`` the first rank to exit 75 makes Slurm terminate
+    the others while they tear down; they leave with the same ``status``, so the step's exit code
+    stays 75 (a requeue) instead of 143. A late preemption signal after a successful run is ignored."""
+    for name in signals:
+        sig = getattr(signal, name)
+        if status == 0:
+            if sig != signal.SIGTERM:  # someone who wants a finished process gone still gets it gone
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.signal(sig, lambda signum, frame: os._exit(status))
 
 
 def agree(flags: list[bool], group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> list[bool]:

@@ -136,6 +136,7 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         self._t_start = self._last_save_t = time.monotonic()
         self._committed_step = -1
+        self._slowest_step_s = self._slowest_save_s = 0.0  # what train.deadline must leave time for
         self.last_eval: dict[str, float] = {}
         t = cfg.train
         self.preempt: PreemptionFlag | None = None  # set while fit() runs
@@ -204,8 +205,11 @@ class Trainer:
         """Save this step (raises CheckpointSaveError if it cannot be written)."""
         if self._committed_step == self.state.step:
             return  # this exact state is already on disk (periodic save at the last step, or just resumed)
+        t0 = time.monotonic()
         self.checkpointer.save(self.state.step, self.stateful(), {"samples_seen": self.state.samples_seen},
                                asynchronous=asynchronous)
+        # an asynchronous save only shows its blocking part: the deadline margin covers the rest
+        self._slowest_save_s = max(self._slowest_save_s, time.monotonic() - t0)
         self._committed_step = self.state.step
         self._last_save_t = time.monotonic()
         self._log({"step": self.state.step, "kind": "checkpoint", "async": asynchronous,
@@ -358,8 +362,12 @@ class Trainer:
         return results
 
     def _over_budget(self) -> bool:
-        budget = self.cfg.train.max_minutes
-        return budget > 0 and (time.monotonic() - self._t_start) > budget * 60
+        budget, deadline = self.cfg.train.max_minutes, self.cfg.train.deadline
+        if budget > 0 and (time.monotonic() - self._t_start) > budget * 60:
+            return True
+        # Stop while there is still time for one more step (a checked step may be running when the
+        # flags are read) and the stopping save; both are measured, the slowest seen so far counts.
+        return deadline > 0 and time.time() + self._slowest_step_s + self._slowest_save_s > deadline
 
     def _save_due(self) -> bool:
         minutes = self.cfg.checkpoint.every_minutes
@@ -376,7 +384,9 @@ class Trainer:
             self._committed_step = -1
             self._log({"step": self.state.step, "kind": "checkpoint_failed", "reason": reason})
         if signalled or budget:
-            why = f"signal {preempt.received or 'on another rank'}" if signalled else f"train.max_minutes={self.cfg.train.max_minutes}"
+            t = self.cfg.train
+            why = (f"signal {preempt.received or 'on another rank'}" if signalled
+                   else f"train.max_minutes={t.max_minutes}" if t.max_minutes else f"train.deadline={t.deadline:.0f}")
             log.warning("%s at step %d: saving and stopping (exit %d to requeue)", why, self.state.step, EXIT_REQUEUE)
         commit = self.checkpointer.pending is not None and not writing and not failed
         return signalled or budget, due, commit
@@ -468,6 +478,7 @@ class Trainer:
                 progress.reset(self.state.step)
                 continue
             dt = time.perf_counter() - t0
+            self._slowest_step_s = max(self._slowest_step_s, dt)
             self.state.train_seconds += dt
             window_t, window_n = window_t + dt, window_n + 1
             step = self.state.step

@@ -34,3 +34,35 @@ def tiny_cfg(digits_dir: str, tmp_path: Path):
         return load_config(TEST_CONFIG, [f"data.dir={digits_dir}", f"run.dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A real two-node Slurm on loopback (launch/local_slurm.sh), started once for the session and
+    stopped at its end. Where it cannot start (no root to install it, no Debian, daemons fail),
+    the tests that need it are skipped with the reason, which ``-ra`` prints in the summary."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("Slurm tests: no bash")
+    root = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "BIGTRAIN_SLURM_ROOT": str(root), "BIGTRAIN_SLURM_NODES": "2", "BIGTRAIN_SLURM_CPUS": "4"}
+    script = str(ROOT / "launch" / "local_slurm.sh")
+    try:
+        out = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.skip("Slurm tests: launch/local_slurm.sh start took over 10 minutes")
+    if out.returncode != 0:
+        reason = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["no output"]
+        pytest.skip(f"Slurm tests: the local cluster did not start: {reason[0]}")
+    slurm_env = {"SLURM_CONF": str(root / "etc" / "slurm.conf")}
+    saved = {k: os.environ.get(k) for k in slurm_env}
+    os.environ.update(slurm_env)  # sbatch/squeue/scontrol in the tests and in submitit talk to it
+    yield {"root": str(root), **slurm_env}
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -46,6 +46,11 @@ class TrainConfig:
     max_minutes: float = doc(
         0.0, "Stop once this wall time is used: save a checkpoint and exit with code 75 (requeue); 0 = no limit.", ge=0
     )
+    deadline: float = doc(
+        0.0, "Unix time (s) by which this run must have saved and stopped (exit 75, requeue): it stops once the next "
+        "step plus a save (both measured as it runs) would pass it. 0 = none. The Slurm launchers (slurm/*.sh) set "
+        "it from the job's end time.", ge=0,
+    )
     preempt_signals: list[str] = doc(
         ["SIGTERM", "SIGUSR1", "SIGUSR2"],
         "Signals that mean 'preempted': finish the current step, save, exit with code 75 (requeue).",
