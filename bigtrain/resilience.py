@@ -18,10 +18,11 @@ import signal
 from collections import deque
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
 
 
 class PreemptionFlag:
@@ -60,9 +61,28 @@ def settle(status: int, signals: list[str]) -> None:
             signal.signal(sig, lambda signum, frame: os._exit(status))
 
 
+# Process start (python -m bigtrain): USR1/USR2 mean "you will be preempted soon" and their default
+# action kills the process. Arriving while torch imports or the model is built or loaded (Slurm may
+# send --signal up to a minute early), they would end the job with no save and an exit code that
+# reads as a crash (not requeued). Remembered instead, training acts on them at its first step.
+# SIGTERM keeps its default until training starts: a process stuck in start-up must stay killable.
+_EARLY = PreemptionFlag(["SIGUSR1", "SIGUSR2"])
+
+
+def catch_early_signals() -> None:
+    _EARLY.install()
+
+
+def early_signal() -> str | None:
+    return _EARLY.received
+
+
 def agree(flags: list[bool], group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (identity without a process group).
     ``device``: where the group's backend reduces (the CUDA device for NCCL)."""
+    import torch  # not at module level: python -m bigtrain imports this module before torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return flags
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)

@@ -39,7 +39,7 @@ from bigtrain.distributed.mesh import LaunchEnv, ParallelState
 from bigtrain.distributed.pipeline import Pipeline
 from bigtrain.metrics import MetricsLogger, Progress
 from bigtrain.optim import LRSchedule
-from bigtrain.resilience import NumericalGuard, PreemptionFlag, agree
+from bigtrain.resilience import NumericalGuard, PreemptionFlag, agree, early_signal
 from bigtrain.tasks.protocol import batch_to_device
 
 log = logging.getLogger(__name__)
@@ -438,6 +438,7 @@ class Trainer:
         self._log({})
         preempt = self.preempt = PreemptionFlag(self.cfg.train.preempt_signals)
         preempt.install()
+        preempt.received = early_signal()  # a notice that came during start-up: stop after the first step
         progress = Progress(self.cfg.train.steps, self.state.step, self.cfg.log.progress, self.rank == 0)
         try:
             status = self._loop(progress, preempt)

@@ -164,13 +164,12 @@ class BatchSignals:
 
     def __init__(self) -> None:
         self.srun: subprocess.Popen | None = None
-        self.got_term = False
         signal.signal(signal.SIGTERM, self._term)
         for sig in FORWARDED:
             signal.signal(sig, self._forward)
 
     def _term(self, signum: int, frame: FrameType | None) -> None:
-        self.got_term = True
+        say("got SIGTERM (time limit, scancel or scontrol requeue): waiting for the ranks to save")
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         say(f"got {signal.Signals(signum).name}: passing it to the training processes")

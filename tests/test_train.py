@@ -241,6 +241,55 @@ def test_time_based_saves_and_retention(tiny_cfg) -> None:
     assert kept == ["step_00000003", "step_00000006", "step_00000007"]
 
 
+def test_deadline_stops_and_saves_before_it(tiny_cfg) -> None:
+    """train.deadline (what the Slurm launchers set from the job's end time): the run stops while
+    the next step and the save still fit, so it has saved and returned before the deadline."""
+    import time
+
+    from bigtrain.metrics import MetricsLogger
+    from bigtrain.recipes import build_trainer
+
+    deadline = time.time() + 4
+    cfg = tiny_cfg("train.steps=100000", "checkpoint.every_steps=25", "eval.every_steps=0", "eval.fewshot=false",
+                   "log.progress=false", "schedule.cooldown_steps=0", f"train.deadline={deadline}")
+    trainer = build_trainer(cfg)
+    assert trainer.fit(MetricsLogger(cfg.run.dir, True)) == 75
+    assert time.time() < deadline, "returned after the deadline"
+    latest = trainer.checkpointer.latest()
+    assert trainer.state.step > 1 and latest is not None and latest.endswith(f"step_{trainer.state.step:08d}")
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_preemption_notice_during_start_up_is_kept(digits_dir: str, tmp_path: Path) -> None:
+    """USR2 while the process still imports torch (Slurm may send --signal up to a minute early):
+    not fatal; training stops after its first step, saved, exit 75 (requeue), not 140 (crash)."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(TEST_CONFIG), f"data.dir={digits_dir}",
+                          f"run.dir={run}", "eval.every_steps=0", "eval.fewshot=false", "log.progress=false"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _catches(p.pid, signal.SIGUSR2):  # the early handler is in place (before torch is imported)
+        assert time.monotonic() < deadline and p.poll() is None, "the handler never appeared"
+        time.sleep(0.01)
+    assert "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text(), "handler only after torch was loaded"
+    p.send_signal(signal.SIGUSR2)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 75, err[-2000:]
+    assert "signal SIGUSR2 at step 1" in err
+    assert (run / "checkpoints" / "step_00000001" / "bigtrain_complete.json").is_file()
+
+
 def test_time_budget_and_sigterm_exit_75_after_saving(digits_dir: str, tmp_path: Path) -> None:
     """Both stop after the current step, save, and exit 75 (requeue); a rerun continues."""
     import signal

@@ -62,10 +62,13 @@ def pick_device(cfg: ParallelConfig, env: LaunchEnv) -> torch.device:
         raise ConfigError("config key 'parallel.device' is cuda but no CUDA device is available")
     if cfg.device == "cpu" or not available:
         return torch.device("cpu")
-    if env.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"local rank {env.local_rank} has no CUDA device (this node has {torch.cuda.device_count()})")
-    torch.cuda.set_device(env.local_rank)
-    return torch.device("cuda", env.local_rank)
+    count = torch.cuda.device_count()
+    # One visible device: Slurm (--gpus-per-task, --gpu-bind) or the user bound a GPU to each rank.
+    index = env.local_rank if count > 1 else 0
+    if index >= count:
+        raise ConfigError(f"local rank {env.local_rank} has no CUDA device (this node has {count} visible)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def first_host(nodelist: str) -> str:
