@@ -141,8 +141,9 @@ def plan(config: str, overrides: list[str], sweep: str | None) -> list[list[str]
 def submit(config: str, overrides: list[str] | None = None, *, nodes: int = 1, tasks_per_node: int = 1,
            gpus_per_node: int = 0, cpus_per_task: int = 1, partition: str = "", time_min: float = 60,
            sweep: str | None = None, max_timeouts: int = 3, folder: str | None = None, local: bool = False,
-           signal_delay_s: int = 90, name: str = "bigtrain") -> list[Any]:
-    """Submit one job (or one per sweep point, as a Slurm job array); returns submitit jobs."""
+           signal_delay_s: int = 90, name: str = "bigtrain", sbatch: dict[str, str] | None = None) -> list[Any]:
+    """Submit one job (or one per sweep point, as a Slurm job array); returns submitit jobs.
+    ``sbatch``: further ``#SBATCH --key=value`` options (account, qos, constraint, mem...)."""
     if submitit is None:
         raise SystemExit("error: launch.submit needs submitit (pip install 'bigtrain[submitit]')")
     if local and nodes > 1:
@@ -163,7 +164,8 @@ def submit(config: str, overrides: list[str] | None = None, *, nodes: int = 1, t
         executor.update_parameters(
             job_name=name, time=max(1, round(time_min)), nodes=nodes, ntasks_per_node=tasks_per_node,
             cpus_per_task=cpus_per_task, signal_delay_s=signal_delay_s, srun_args=["--kill-on-bad-exit=1"],
-            additional_parameters={"requeue": True}, **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}),
+            additional_parameters={"requeue": True, **(sbatch or {})},
+            **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}),
             **({"partition": partition} if partition else {}))
     with _submission_env():
         fns = [TrainJob(config, o) for o in job_overrides]
@@ -238,15 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--array", metavar="SWEEP.yaml", help="one job per sweep point, as a job array")
     p.add_argument("--max-timeouts", type=int, default=3, help="requeues after a time limit before giving up")
     p.add_argument("--folder", help="submitit's folder for pickles and logs (default: RUN_DIR/submitit)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="another #SBATCH option, e.g. --sbatch account=proj --sbatch qos=high (repeatable)")
     p.add_argument("--local", action="store_true", help="run on this machine through submitit's local executor")
     p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit with the final status")
     args = p.parse_intermixed_args(argv)
     if min(args.nodes, args.tasks_per_node, args.cpus_per_task, args.time) < 1:
         p.error("--nodes, --tasks-per-node, --cpus-per-task and --time must be at least 1")
+    if any("=" not in kv for kv in args.sbatch):
+        p.error("--sbatch takes KEY=VALUE (an sbatch long option without its dashes)")
+    sbatch = dict(kv.split("=", 1) for kv in args.sbatch)
     jobs = submit(args.config, args.overrides, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                   gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
                   time_min=args.time, sweep=args.array, max_timeouts=args.max_timeouts, folder=args.folder,
-                  local=args.local, signal_delay_s=args.signal_delay)
+                  local=args.local, signal_delay_s=args.signal_delay, sbatch=sbatch)
     return wait(jobs) if args.wait else 0
 
 

@@ -177,6 +177,7 @@ def test_sharded_equals_one_process_dp2_tp2(digits_dir: str, tmp_path) -> None:
     _check(_parity(tmp_path, digits_dir, 4, layouts, EIGHT_BIT_TP, optim=[]), len(layouts))
 
 
+@pytest.mark.slow  # CI time; the factored optimizer's elastic resume (same machinery) runs by default
 def test_elastic_resume_from_dp2_zero3(digits_dir: str, tmp_path) -> None:
     """Save under dp2 ZeRO-3 (codes and absmax as DTensor shards), resume at dp4 ZeRO-3 and in one
     process: the continued run matches the uninterrupted one within the elastic tolerances."""

@@ -55,6 +55,7 @@ def test_gpu_check_refuses_without_cuda(capsys: pytest.CaptureFixture) -> None:
     assert capsys.readouterr().err.startswith("error: no CUDA device")
 
 
+@pytest.mark.slow  # CI time: the benchmark's own code, run on GPU sessions
 def test_gpu_check_code_paths_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The GPU check's own code (train/save/resume per family, GEMM peak, plain vs bigtrain loops)
     run on the CPU with tiny models; on a GPU the same paths run with the real sizes."""

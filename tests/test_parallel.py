@@ -117,6 +117,9 @@ def test_four_rank_2d_layouts_match_single_process(reference, tmp_path: Path) ->
     check(run_layouts(reference, 4, layouts, tmp_path), len(layouts))
 
 
+# The ViT's 8-rank run is slow-marked (CI time); the LM's covers the same 3D layouts by default.
+@pytest.mark.parametrize("reference", ["llm_stdlib", pytest.param("vit_digits", marks=pytest.mark.slow)],
+                         indirect=True)
 def test_eight_rank_3d_layouts_match_single_process(reference, tmp_path: Path) -> None:
     layouts = [
         ["parallel.pp=2", "parallel.dp=2", "parallel.tp=2", "parallel.zero=1", "parallel.pp_schedule=zbv"],
