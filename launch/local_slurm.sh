@@ -129,7 +129,11 @@ start() {
   install_packages
   write_config
   start_munge
-  alive "$ROOT/run/slurmctld.pid" || slurmctld
+  if ! alive "$ROOT/run/slurmctld.pid"; then
+    # Another controller on our port (a second root, or a real cluster) would answer our pings.
+    ! scontrol ping >/dev/null 2>&1 || fail "a slurmctld already answers on port $PORT (set BIGTRAIN_SLURM_PORT)"
+    slurmctld
+  fi
   retry 30 scontrol ping || { tail -5 "$ROOT/log/slurmctld.log" >&2; fail "slurmctld did not answer"; }
   local n
   for n in $(node_names); do alive "$ROOT/run/slurmd-$n.pid" || slurmd -N "$n"; done

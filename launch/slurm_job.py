@@ -169,7 +169,7 @@ class BatchSignals:
             signal.signal(sig, self._forward)
 
     def _term(self, signum: int, frame: FrameType | None) -> None:
-        say("got SIGTERM (time limit, scancel or scontrol requeue): waiting for the ranks to save")
+        say("batch shell got SIGTERM (time limit, scancel or requeue): waiting for srun to return")
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         say(f"got {signal.Signals(signum).name}: passing it to the training processes")
