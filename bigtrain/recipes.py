@@ -7,8 +7,10 @@ data stream and checkpointer. Neither it nor the trainer branches on the family 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,6 +68,26 @@ def parallelize(family: Family, model: nn.Module, cfg: Config, ps: ParallelState
     if family.parallelize is None:
         return parallelize_blocks(model, ps, cfg.parallel, param_dtype)
     return family.parallelize(model, ps, cfg, param_dtype)
+
+
+def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: torch.dtype | None,
+                   prune: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """This rank's parallelized model (or pipeline stage, cut by ``prune``). From the seed, it is
+    initialised on the CPU (the same numbers on any device) and moved. From pretrained weights,
+    it is built on ``meta``, parallelized there, materialized empty on the device and filled by
+    the source, each rank reading only its own shards: no rank ever holds the whole model."""
+    source = family.pretrained(cfg.model) if family.pretrained is not None else None
+    with torch.device("meta") if source is not None else contextlib.nullcontext():
+        model = build_model(cfg)
+    if prune is not None:
+        prune(model)
+    if source is None:
+        return parallelize(family, model.to(ps.device), cfg, ps, param_dtype)
+    model = parallelize(family, model, cfg, ps, param_dtype)
+    model.to_empty(device=ps.device)
+    read = source.load(model)
+    log.info("loaded %s: %d tensors, %d elements on this rank", source.path, read["tensors"], read["elements"])
+    return model
 
 
 def make_task(cfg: Config, model: nn.Module) -> nn.Module:
@@ -131,17 +153,15 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         task = make_task(cfg, nn.Identity())
 
         def build_stage(blocks: list[str], first: bool, last: bool) -> nn.Module:
-            stage = build_model(cfg)  # same seed on every rank: stages hold slices of one init
-            stage.prune_for_stage(blocks, first, last)
-            return parallelize(family, stage.to(ps.device), cfg, ps, param_dtype)
+            # same seed on every rank: stages hold slices of one init
+            return build_parallel(cfg, family, ps, param_dtype, lambda m: m.prune_for_stage(blocks, first, last))
 
         pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
                             batches.pipeline_microbatches)
         parts = pipeline.parts  # the schedule splits the per-rank batch itself
         task.model = PipelineModel(pipeline)
     else:
-        # initialised on the CPU from the seed (the same numbers on any device), then moved
-        parts = [parallelize(family, build_model(cfg).to(ps.device), cfg, ps, param_dtype)]
+        parts = [build_parallel(cfg, family, ps, param_dtype)]
         task = make_task(cfg, parts[0])
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)

@@ -8,7 +8,7 @@ import os
 import sys
 
 from data_pipeline.index import DataError, load_split, read_index
-from data_pipeline.text import write_text_shards
+from data_pipeline.text import BYTES, load_tokenizer, stdlib_files, train_bpe, write_text_shards
 from data_pipeline.writer import write_digits, write_imagefolder
 
 
@@ -33,6 +33,7 @@ def build_parser(prog: str = "python -m data_pipeline") -> argparse.ArgumentPars
     txt.add_argument("--out", required=True, help="output directory")
     txt.add_argument("--seq-len", type=int, default=128)
     txt.add_argument("--max-bytes", type=int, default=2_000_000)
+    txt.add_argument("--tokenizer", default="bytes", help="bytes, bpe:N (byte-level BPE of N tokens trained on the corpus, saved as OUT/tokenizer.json) or a tokenizer.json / directory holding one")
     txt.add_argument("--samples-per-shard", type=int, default=512)
     ins = sub.add_parser("inspect", help="print the splits, shard and sample counts of a data directory")
     ins.add_argument("dir")
@@ -48,7 +49,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m data_pipeline") -
             for split, shards in out.items():
                 print(f"{split}: {sum(s.num_samples for s in shards)} samples in {len(shards)} shards -> {args.out}")
         elif args.command == "write" and args.source == "text":
-            out = write_text_shards(args.out, args.seq_len, args.max_bytes, samples_per_shard=args.samples_per_shard)
+            files = stdlib_files(args.max_bytes)
+            spec = args.tokenizer
+            tok = BYTES if spec == "bytes" else train_bpe(files, int(spec[4:])) if spec.startswith("bpe:") \
+                else load_tokenizer(spec)
+            out = write_text_shards(args.out, args.seq_len, samples_per_shard=args.samples_per_shard, files=files,
+                                    tokenizer=tok)
             for split, shards in out.items():
                 print(f"{split}: {sum(s.num_samples for s in shards)} sequences in {len(shards)} shards -> {args.out}")
         elif args.command == "write":

@@ -170,7 +170,8 @@ class ImageBatchDataset(ShardBatchDataset):
 
 
 class TokenBatchDataset(ShardBatchDataset):
-    """Packed token sequences (``.tok``: little-endian uint16): ``tokens`` of length seq_len + 1."""
+    """Packed token sequences (``.tok``: little-endian uint16, or ``.tok32``: uint32 for vocabularies
+    over 65,536): ``tokens`` of length seq_len + 1."""
 
     def __init__(self, split: SplitInfo, order: GlobalOrder, seq_len: int, vocab_size: int, seed: int, on_error: str,
                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> None:
@@ -178,10 +179,11 @@ class TokenBatchDataset(ShardBatchDataset):
         self.seq_len, self.vocab_size = seq_len, vocab_size
 
     def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
-        raw = members.get("tok")
-        if raw is None or len(raw) % 2:
-            raise SampleError(f"no whole uint16 'tok' member (have {sorted(members)})")
-        tokens = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+        key, width = ("tok", 2) if "tok" in members else ("tok32", 4)
+        raw = members.get(key)
+        if raw is None or len(raw) % width:
+            raise SampleError(f"no whole 'tok' (uint16) or 'tok32' (uint32) member (have {sorted(members)})")
+        tokens = np.frombuffer(raw, dtype=f"<u{width}").astype(np.int64)
         if len(tokens) < self.seq_len + 1:
             raise SampleError(f"sequence of {len(tokens)} tokens is shorter than seq_len + 1 = {self.seq_len + 1}")
         tokens = tokens[: self.seq_len + 1]

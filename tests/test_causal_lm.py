@@ -111,3 +111,53 @@ def test_export_hf_from_a_tensor_parallel_checkpoint(tmp_path: Path) -> None:
     x = torch.randint(0, 257, (2, 32))
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, model(x), atol=1e-5)
+
+
+def test_vocabularies_over_65535_are_stored_as_32_bit_tokens(tmp_path: Path) -> None:
+    from data_pipeline import GlobalOrder, load_split
+    from data_pipeline.loader import TokenBatchDataset
+    from data_pipeline.text import BYTES, TextTokenizer, stdlib_files, write_text_shards
+
+    big = TextTokenizer(lambda b: BYTES.encode(b) + 70_000, 70_256, 70_257, "bytes+70000")
+    write_text_shards(str(tmp_path), seq_len=32, samples_per_shard=100, files=stdlib_files(50_000), tokenizer=big)
+    train = load_split(str(tmp_path), "train")
+    order = GlobalOrder([s.num_samples for s in train.shards], 0, shuffle=False)
+    tokens = TokenBatchDataset(train, order, 32, 70_257, 0, "raise")[list(range(50))]["tokens"].numpy()
+    assert tokens.min() >= 70_000 and tokens.max() <= 70_256  # not wrapped to 16 bits
+    ref = np.concatenate([BYTES.encode(open(f, "rb").read()) for f in stdlib_files(50_000)[:1]])[:33] + 70_000
+    assert np.array_equal(tokens[0], ref)
+
+
+def test_bpe_tokenizer_trained_on_the_corpus_feeds_training(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    from conftest import ROOT
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(LM_CONFIG), f"data.dir={data}",
+                           f"run.dir={run}", "data.tokenizer=bpe", "model.vocab_size=512", "train.steps=3",
+                           "eval.every_steps=0", "log.progress=false"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = json.loads((data / "index.json").read_text())
+    assert json.dumps(index).count('"bpe512"') >= 1
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    assert tok.get_vocab_size() == 512 and tok.token_to_id("<|endoftext|>") is not None
+    from data_pipeline import GlobalOrder, load_split
+    from data_pipeline.loader import TokenBatchDataset
+
+    train = load_split(str(data), "train")
+    seq = TokenBatchDataset(train, GlobalOrder([s.num_samples for s in train.shards], 0, shuffle=False), 64, 512, 0,
+                            "raise")[[0]]["tokens"][0].tolist()
+    from data_pipeline.text import stdlib_files
+
+    text = tok.decode(seq)  # the corpus' first 65 tokens: the start of its first file, round-tripped
+    assert len(text) > 65 and open(stdlib_files(2_000_000)[0]).read().startswith(text), text
+    with pytest.raises(Exception, match="set model.vocab_size above 257"):
+        from bigtrain.config import load_config
+
+        load_config(LM_CONFIG, ["data.tokenizer=bpe"])

@@ -41,6 +41,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Pretrained:
+    """Starting weights from outside bigtrain (e.g. a Hugging Face directory). ``sizes``: the
+    ``model.*`` size keys the source dictates. ``load(model)``: fill a materialized, already
+    parallelized model, each rank reading only the shards it holds; returns what it read."""
+
+    path: str
+    sizes: Mapping[str, Any]
+    load: Callable[[nn.Module], dict[str, int]]
+
+
+@dataclass(frozen=True)
 class EvalContext:
     """Where an evaluator runs: its data-parallel share and device, and the autocast to use."""
 
@@ -80,6 +91,8 @@ class Family:
     * ``sample_unit(model_cfg) -> (unit, items per sample)``, e.g. ``("tokens", seq_len)``.
     * ``example_batch(model_cfg, batch_size, generator)``: a synthetic batch shaped like the loader's
       (benchmarks and the GPU check measure speed on it).
+    * ``pretrained(model_cfg) -> Pretrained | None``: starting weights named in the section; the
+      model is then built on ``meta``, parallelized, materialized empty and filled by ``load``.
     """
 
     name: str
@@ -101,6 +114,7 @@ class Family:
     benchmarks: Mapping[str, Callable[[list[str]], int]] = field(default_factory=dict)
     sample_unit: Callable[[Any], tuple[str, int]] = lambda model_cfg: ("samples", 1)
     example_batch: Callable[[Any, int, Any], dict[str, Any]] | None = None
+    pretrained: Callable[[Any], Pretrained | None] | None = None
 
     def __post_init__(self) -> None:
         from bigtrain.config.schema import ModelConfig
@@ -229,7 +243,15 @@ def find_command(name: str, kind: str = "commands") -> Callable[[list[str]], int
 
 
 def apply_preset(section: Any, family: Family, key: str = "model") -> None:
-    """Fill the size keys the user left at 0 from the ``model.variant`` preset, in place."""
+    """Fill the size keys the user left at 0 from the pretrained source, else from the
+    ``model.variant`` preset, in place. A key set to something else than the source says is an error."""
+    source = family.pretrained(section) if family.pretrained is not None else None
+    if source is not None:
+        for name, value in source.sizes.items():
+            if getattr(section, name) not in (0, value):
+                raise ConfigError(f"config key '{key}.{name}' ({getattr(section, name)}) contradicts {source.path}, "
+                                  f"which has {value}: leave it unset (0)")
+            setattr(section, name, value)
     variant = section.variant
     if variant == "custom":
         return
@@ -241,5 +263,5 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
             setattr(section, name, value)
 
 
-__all__ = ["EvalContext", "Family", "all_families", "apply_preset", "family_names", "find_command", "get_family",
+__all__ = ["EvalContext", "Family", "Pretrained", "all_families", "apply_preset", "family_names", "find_command", "get_family",
            "register_family"]

@@ -1,10 +1,12 @@
-"""Decoder-only causal LM built from a Hugging Face ``LlamaForCausalLM``, re-housed for parallelism.
+"""Decoder-only causal LM built from a Hugging Face decoder of the Llama shape (``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``), re-housed for parallelism.
 
 The HF modules (embedding, decoder layers, norm, rotary embedding, LM head) are
 used as they are; only the container changes: layers live in a ``ModuleDict``
 keyed "0", "1", ... so pipeline stages can drop layers and checkpoint keys stay
-stable. ``to_hf`` puts the (trained or pruned) modules back into an HF model
-for ``save_pretrained``. Tiny models are built from a local ``LlamaConfig``:
+stable. ``to_hf`` puts the (trained or pruned) modules back into an HF model of
+the same architecture for ``save_pretrained``. Models are built from a local
+config (a ``LlamaConfig`` from sizes, or a pretrained directory's config.json):
 no hub access.
 """
 
@@ -27,18 +29,31 @@ def llama_config(vocab_size: int, width: int, depth: int, num_heads: int, num_kv
     )
 
 
+# Decoders whose modules have the Llama layout (model.embed_tokens / layers / norm / rotary_emb,
+# lm_head; self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), so one TP plan and one pruner fit.
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def hf_class(config: Any) -> type:
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture {arch} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    return getattr(transformers, arch)
+
+
 class CausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
-        from transformers import LlamaForCausalLM
-
-        hf = LlamaForCausalLM(config)
+        hf = hf_class(config)(config)
         self.config = config
         self.embed_tokens: nn.Module | None = hf.model.embed_tokens
         self.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(hf.model.layers)})
         self.norm: nn.Module | None = hf.model.norm
         self.lm_head: nn.Module | None = hf.lm_head
         self.rotary_emb = hf.model.rotary_emb
+        self.retie()
         # Tokens between layers may be split along the sequence by a parallelizer
         # (sequence parallelism); rotary embeddings need the full length.
         self.sequence_shards = 1
@@ -75,10 +90,10 @@ class CausalLM(nn.Module):
 
     def train_flops_per_token(self, seq_len: int) -> float:
         c = self.config
-        head_dim = c.hidden_size // c.num_attention_heads
-        kv = c.num_key_value_heads * head_dim
-        per_layer = 2 * (2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size)
-        per_layer += 2 * 2 * seq_len * c.hidden_size  # attention scores and values (causal: ~half used, counted whole)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads  # explicit after pruning
+        q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        per_layer = 2 * (2 * c.hidden_size * q + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size)
+        per_layer += 2 * 2 * seq_len * q  # attention scores and values (causal: ~half used, counted whole)
         return 3.0 * (c.num_hidden_layers * per_layer + 2 * c.hidden_size * c.vocab_size)
 
     def no_weight_decay(self) -> set[str]:
@@ -87,13 +102,28 @@ class CausalLM(nn.Module):
     def head_param_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith("lm_head.")}
 
-    def to_hf(self) -> Any:
-        """An HF ``LlamaForCausalLM`` holding these (unsharded, unsplit) modules."""
-        from transformers import LlamaForCausalLM
+    def retie(self) -> None:
+        """One Parameter under both names when the config ties the embeddings (transformers ties
+        lazily, at load time; ``to_empty`` unties them by creating one new tensor per module)."""
+        if getattr(self.config, "tie_word_embeddings", False) and self.lm_head is not None \
+                and self.embed_tokens is not None:
+            self.lm_head.weight = self.embed_tokens.weight
 
-        hf = LlamaForCausalLM(self.config)
+    def reset_buffers(self, device: torch.device) -> None:
+        """Recompute the non-persistent buffers (rotary frequencies) after ``to_empty`` left them
+        uninitialised: they are derived from the config, never stored in a checkpoint."""
+        with torch.device(device):
+            self.rotary_emb = type(self.rotary_emb)(config=self.config)
+
+    def to_hf(self) -> Any:
+        """An HF model of this architecture holding these (unsharded, unsplit) modules."""
+        with torch.device("meta"):  # its own fresh modules are replaced right away
+            hf = hf_class(self.config)(self.config)
         hf.model.embed_tokens = self.embed_tokens
         hf.model.layers = nn.ModuleList([self.layers[k] for k in sorted(self.layers, key=int)])
         hf.model.norm = self.norm
         hf.lm_head = self.lm_head
+        hf.model.rotary_emb = self.rotary_emb
+        if getattr(self.config, "tie_word_embeddings", False):
+            hf.lm_head.weight = hf.model.embed_tokens.weight
         return hf

@@ -4,6 +4,7 @@ prediction on token shards, evaluated by held-out loss and perplexity, exported 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -14,32 +15,60 @@ from bigtrain.eval.causal_lm import CausalLMEvaluator
 from bigtrain.families import EvalContext, Family
 from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
 from bigtrain.families.llama.parallelize import parallelize_lm
+from bigtrain.families.llama.pretrained import hf_config, pretrained, read_hf_config
 from bigtrain.models.causal_lm import CausalLM, llama_config
 from bigtrain.tasks import CausalLMTask
 from data_pipeline import GlobalOrder, SplitInfo
 from data_pipeline.loader import TokenBatchDataset
-from data_pipeline.text import write_text_shards
+from data_pipeline.text import BYTES, load_tokenizer, stdlib_files, train_bpe, write_text_shards
 
 
 def build(m: LlamaModelConfig) -> CausalLM:
+    if m.pretrained:
+        return CausalLM(hf_config(m))
     return CausalLM(llama_config(m.vocab_size, m.width, m.depth, m.num_heads, m.num_kv_heads, m.mlp_dim, m.seq_len))
 
 
 def validate(cfg: Config) -> None:
     m = cfg.model
+    m.vocab_size = m.vocab_size or 257  # bytes + end-of-text: the stdlib_text tokenizer
     missing = [k for k in ("width", "depth", "num_heads", "mlp_dim") if not getattr(m, k)]
     if missing:
         raise ConfigError(f"model.variant={m.variant} needs {', '.join('model.' + k for k in missing)} set")
-    if m.width % m.num_heads:
+    if cfg.data.tokenizer == "bpe" and m.vocab_size <= 257:
+        raise ConfigError("data.tokenizer=bpe trains model.vocab_size tokens: set model.vocab_size above 257 "
+                          "(the bytes + end-of-text)")
+    if cfg.data.tokenizer not in ("bytes", "bpe") and not os.path.exists(cfg.data.tokenizer):
+        raise ConfigError(f"config key 'data.tokenizer': {cfg.data.tokenizer} does not exist (a tokenizer.json or a "
+                          "directory holding one; or 'bytes' / 'bpe')")
+    if m.pretrained:
+        hf = read_hf_config(m.pretrained)
+        split = [f"{k} > 1" for k, v in (("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)) if v > 1]
+        split += ["parallel.zero >= 2 (FSDP)"] if cfg.parallel.zero >= 2 else []
+        if hf.get("tie_word_embeddings") and split:
+            raise ConfigError(f"model.pretrained={m.pretrained} ties its input and output embeddings, which "
+                              f"{' and '.join(split)} would split apart: use data parallel with parallel.zero 0 or 1")
+        if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf["sliding_window"] < m.seq_len:
+            raise ConfigError(f"config key 'model.seq_len' ({m.seq_len}) exceeds the sliding window "
+                              f"({hf['sliding_window']}) of {m.pretrained}, which training does not apply")
+    explicit_head_dim = bool(m.pretrained and read_hf_config(m.pretrained).get("head_dim"))
+    if m.width % m.num_heads and not explicit_head_dim:  # an explicit head_dim (pruned models) frees the width
         raise ConfigError(f"config key 'model.width' ({m.width}) is not divisible by model.num_heads ({m.num_heads})")
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:
         raise ConfigError(f"config key 'model.num_kv_heads' ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
 
 
 def write_stdlib_text(cfg: Config, root: str) -> None:
-    """``data.source: stdlib_text``: byte-level token sequences of CPython's standard library sources."""
-    write_text_shards(root, seq_len=cfg.model.seq_len, max_bytes=cfg.data.text_max_bytes,
-                      samples_per_shard=cfg.data.samples_per_shard)
+    """``data.source: stdlib_text``: token sequences of CPython's standard library sources, with the
+    tokenizer ``data.tokenizer`` names."""
+    files = stdlib_files(cfg.data.text_max_bytes)
+    spec = cfg.data.tokenizer
+    tok = BYTES if spec == "bytes" else train_bpe(files, cfg.model.vocab_size) if spec == "bpe" else load_tokenizer(spec)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer={spec} has {tok.vocab_size} tokens, more than model.vocab_size="
+                          f"{cfg.model.vocab_size}")
+    write_text_shards(root, seq_len=cfg.model.seq_len, samples_per_shard=cfg.data.samples_per_shard, files=files,
+                      tokenizer=tok)
 
 
 def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
@@ -86,4 +115,5 @@ FAMILY = Family(
     export_hf=export_hf,
     sample_unit=lambda m: ("tokens", m.seq_len),
     example_batch=token_batch,
+    pretrained=pretrained,
 )

@@ -17,8 +17,13 @@ class LlamaModelConfig(ModelConfig):
     num_heads: int = doc(0, "Query heads; 0 = from variant.", ge=0)
     num_kv_heads: int = doc(0, "Key/value heads (grouped-query attention); 0 = from variant, or num_heads.", ge=0)
     mlp_dim: int = doc(0, "SwiGLU hidden size; 0 = from variant.", ge=0)
-    vocab_size: int = doc(257, "Vocabulary size (257 = bytes + end-of-text, the stdlib_text tokenizer).", gt=0)
+    vocab_size: int = doc(0, "Vocabulary size; 0 = from model.pretrained, else 257 (bytes + end-of-text, the "
+                          "stdlib_text tokenizer).", ge=0)
     seq_len: int = doc(128, "Tokens per training sequence.", gt=0)
+    pretrained: str = doc(
+        "", "A local Hugging Face model directory (config.json + safetensors; Llama, Mistral or Qwen2 architecture) "
+        "to start from: its sizes fill the size keys (set ones must agree) and each rank reads only the slices of "
+        "the weights it holds. '' = initialise from train.seed.")
 
 
 PRESETS = {

@@ -1,0 +1,129 @@
+"""``model.pretrained: DIR``: a local Hugging Face causal-LM directory (config.json + safetensors)
+as the starting weights, read shard by shard into the already parallelized model.
+
+Every rank reads from the safetensors files only the slice of each tensor it holds (its FSDP
+rows, its tensor-parallel columns, its pipeline stage's layers): no rank ever holds a full copy
+of a sharded tensor. Weights in ``pytorch_model.bin`` (a pickle) are never read: loading one runs
+code. ``.bin``-only directories are refused with the conversion to use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigtrain.config import ConfigError
+from bigtrain.families import Pretrained
+from bigtrain.models.causal_lm import ARCHITECTURES
+from bigtrain.optim.builder import clean_name
+
+# config.json key -> model.* key
+SIZE_KEYS = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+             "num_key_value_heads": "num_kv_heads", "intermediate_size": "mlp_dim", "vocab_size": "vocab_size"}
+
+
+def read_hf_config(path: str, key: str = "model.pretrained") -> dict[str, Any]:
+    cfg_file = os.path.join(path, "config.json")
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config key '{key}': {path} has no config.json (a Hugging Face model directory)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config key '{key}': cannot read {cfg_file}: {exc}") from None
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"config key '{key}': {cfg_file} is a {arch}; supported: {', '.join(ARCHITECTURES)}")
+    return hf
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    hint = " (only pytorch_model.bin, a pickle, which is never loaded: convert it with save_pretrained(safe_serialization=True))" \
+        if os.path.isfile(os.path.join(path, "pytorch_model.bin")) else ""
+    raise ConfigError(f"config key 'model.pretrained': no safetensors weights in {path}{hint}")
+
+
+def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor this rank holds and its offset in the global tensor (zeros when unsharded)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return param, (0,) * param.ndim
+    local = param.to_local()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(shape) != tuple(local.shape):
+        raise RuntimeError(f"local shard {tuple(local.shape)} differs from its placement's {tuple(shape)}")
+    return local, tuple(offset)
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str) -> dict[str, int]:
+    """Copy the pretrained tensors into ``model`` (materialized, possibly sharded); returns how many
+    tensors and elements this rank read."""
+    from safetensors import safe_open
+
+    files = weight_files(path)
+    handles: dict[str, Any] = {}
+    tensors = elements = 0
+    try:
+        for name, param in model.named_parameters():  # a tied lm_head shares embed_tokens' parameter
+            name = clean_name(name)
+            hf_name = name if name.startswith("lm_head.") else "model." + name
+            if hf_name not in files:
+                raise ConfigError(f"config key 'model.pretrained': {path} has no tensor {hf_name}")
+            if files[hf_name] not in handles:
+                handles[files[hf_name]] = safe_open(files[hf_name], "pt")
+            view = handles[files[hf_name]].get_slice(hf_name)
+            if tuple(view.get_shape()) != tuple(param.shape):
+                raise ConfigError(f"config key 'model.pretrained': {hf_name} in {path} has shape "
+                                  f"{tuple(view.get_shape())}, the model expects {tuple(param.shape)}")
+            local, offset = local_box(param)
+            part = view[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))] if local.ndim else view[...]
+            local.copy_(part.to(local.dtype))
+            tensors, elements = tensors + 1, elements + part.numel()
+    finally:
+        handles.clear()
+    return {"tensors": tensors, "elements": elements}
+
+
+def pretrained(m: Any) -> Pretrained | None:
+    """The source named by ``model.pretrained`` (None when unset): its sizes and its loader."""
+    path = getattr(m, "pretrained", "")
+    if not path:
+        return None
+    hf = read_hf_config(path)
+    sizes = {ours: hf[theirs] for theirs, ours in SIZE_KEYS.items() if theirs in hf}
+    sizes.setdefault("num_kv_heads", sizes.get("num_heads", 0))
+
+    def load(model: nn.Module) -> dict[str, int]:
+        model.retie()  # replicated layouts only (validated): FSDP would own two tensors by now
+        stats = load_weights(model, path)
+        model.reset_buffers(next(model.parameters()).device)
+        return stats
+
+    return Pretrained(path=path, sizes=sizes, load=load)
+
+
+def hf_config(m: Any) -> Any:
+    """The transformers config of ``model.pretrained``, with the run's attention kernel."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(m.pretrained, local_files_only=True)
+    config._attn_implementation = "sdpa"
+    return config
