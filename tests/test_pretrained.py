@@ -41,6 +41,9 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 p.add_(torch.randn_like(p) * 0.02)
         model.save_pretrained(root / name)
         out[name] = root / name
+    from data_pipeline.text import stdlib_files, train_bpe
+
+    train_bpe(stdlib_files(100_000), SHAPE["vocab_size"]).hf.save(str(root / "qwen2" / "tokenizer.json"))
     return out
 
 
@@ -131,21 +134,24 @@ def test_sharded_loading_matches_one_process_under_fsdp_tp_pp(hf_dirs: dict[str,
     assert len(read) == len(layouts) and 0.45 * total <= read[0] <= 0.55 * total, (read, total)
 
 
-def test_train_and_export_back_to_hugging_face(hf_dirs: dict[str, Path], lm_data: str, tmp_path: Path) -> None:
+def test_train_and_export_back_to_hugging_face(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from bigtrain.models.causal_lm import CausalLM
     from bigtrain.families.llama.pretrained import hf_config
 
-    for kind in ("qwen2", "tied"):
+    """configs/llm/from_hf.yaml: the model's own tokenizer.json writes the data (qwen2), or bytes (tied)."""
+    for kind, tokenizer in (("qwen2", "model"), ("tied", "bytes")):
         run = tmp_path / kind
-        common = [f"model.pretrained={hf_dirs[kind]}", f"data.dir={lm_data}", f"run.dir={run}", *FROM_DIR,
-                  "train.steps=3", "checkpoint.every_steps=0", "eval.every_steps=0", "eval.final=false",
+        common = [f"model.pretrained={hf_dirs[kind]}", f"data.dir={tmp_path / kind}_data", f"run.dir={run}",
+                  f"data.tokenizer={tokenizer}", "train.steps=3", "checkpoint.every_steps=0", "eval.final=false",
                   "log.progress=false"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(LM_CONFIG), *common], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(ROOT / "configs" / "llm" / "from_hf.yaml"),
+                               *common], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        if tokenizer == "model":  # the shards were written with the model's BPE (fewer, 300-token sequences)
+            assert (Path(f"{tmp_path / kind}_data") / "index.json").read_text().count("tokenizer.json") >= 1
         ckpt, out = run / "checkpoints" / "step_00000003", tmp_path / f"{kind}_hf"
         proc = subprocess.run([sys.executable, "-m", "bigtrain", "export", str(ckpt), "--format", "hf", "--out",
                                str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -81,8 +81,8 @@ class DataConfig:
     text_max_bytes: int = doc(2_000_000, "stdlib_text: bytes of source text to tokenize.", gt=0)
     tokenizer: str = doc(
         "bytes", "stdlib_text: 'bytes' (256 byte values + end-of-text), 'bpe' (a byte-level BPE of model.vocab_size "
-        "tokens trained on the corpus with the tokenizers package, saved as data.dir/tokenizer.json), or the path of "
-        "a tokenizer.json or of a directory holding one (e.g. model.pretrained's). Ids over 65,535 are stored as "
+        "tokens trained on the corpus with the tokenizers package, saved as data.dir/tokenizer.json), 'model' "
+        "(model.pretrained's tokenizer.json), or the path of a tokenizer.json or of a directory holding one. Ids over 65,535 are stored as "
         "32-bit tokens.")
     train_split: str = doc("train", "Split name (shard prefix) used for training.")
     eval_split: str = doc("test", "Split name (shard prefix) used for evaluation.")

@@ -38,7 +38,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.tokenizer == "bpe" and m.vocab_size <= 257:
         raise ConfigError("data.tokenizer=bpe trains model.vocab_size tokens: set model.vocab_size above 257 "
                           "(the bytes + end-of-text)")
-    if cfg.data.tokenizer not in ("bytes", "bpe") and not os.path.exists(cfg.data.tokenizer):
+    if cfg.data.tokenizer not in ("bytes", "bpe", "model") and not os.path.exists(cfg.data.tokenizer):
         raise ConfigError(f"config key 'data.tokenizer': {cfg.data.tokenizer} does not exist (a tokenizer.json or a "
                           "directory holding one; or 'bytes' / 'bpe')")
     if m.pretrained:
@@ -61,9 +61,13 @@ def validate(cfg: Config) -> None:
 def write_stdlib_text(cfg: Config, root: str) -> None:
     """``data.source: stdlib_text``: token sequences of CPython's standard library sources, with the
     tokenizer ``data.tokenizer`` names."""
-    files = stdlib_files(cfg.data.text_max_bytes)
     spec = cfg.data.tokenizer
-    tok = BYTES if spec == "bytes" else train_bpe(files, cfg.model.vocab_size) if spec == "bpe" else load_tokenizer(spec)
+    if spec == "model" and not (cfg.model.pretrained and os.path.isfile(os.path.join(cfg.model.pretrained, "tokenizer.json"))):
+        raise ConfigError(f"data.tokenizer=model writes {cfg.data.dir} with model.pretrained's tokenizer.json: set "
+                          "model.pretrained to a directory that has one (or choose data.tokenizer=bytes/bpe/PATH)")
+    files = stdlib_files(cfg.data.text_max_bytes)
+    tok = BYTES if spec == "bytes" else train_bpe(files, cfg.model.vocab_size) if spec == "bpe" \
+        else load_tokenizer(cfg.model.pretrained if spec == "model" else spec)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer={spec} has {tok.vocab_size} tokens, more than model.vocab_size="
                           f"{cfg.model.vocab_size}")
