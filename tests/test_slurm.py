@@ -239,7 +239,9 @@ def test_submitit_two_nodes_timeout_requeues_and_resumes_bit_exactly(two_node_ru
     jobs[0]._interrupt(timeout=True)  # submitit's time-limit signal (USR2) to every task
     assert wait(jobs) == 0
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.*"))
-    assert "this job is timed-out" in logs and "Requeued job" in logs and "resumed from" in logs
+    # submitit's own "Requeued job" line may not make it: Slurm's SIGTERM for the requeue ends rank 0 first
+    assert "this job is timed-out" in logs and "resumed from" in logs
+    assert logs.count("Starting with JobEnvironment") == 4  # 2 ranks x 2 attempts
     assert_bit_identical(run, two_node_run)
 
 

@@ -16,6 +16,7 @@ from bigtrain.families import EvalContext, Family
 from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
 from bigtrain.families.llama.parallelize import parallelize_lm
 from bigtrain.families.llama.pretrained import hf_config, pretrained, read_hf_config
+from bigtrain.families.llama.prune_cli import main as prune_main
 from bigtrain.models.causal_lm import CausalLM, llama_config
 from bigtrain.tasks import CausalLMTask
 from data_pipeline import GlobalOrder, SplitInfo
@@ -120,4 +121,5 @@ FAMILY = Family(
     sample_unit=lambda m: ("tokens", m.seq_len),
     example_batch=token_batch,
     pretrained=pretrained,
+    commands={"prune": prune_main},
 )

@@ -1,0 +1,186 @@
+"""``bigtrain prune SRC --out DIR [--hidden H] [--ffn F] [--heads A] [--layers L | --params N]
+[--data DIR] [--calib-samples N] [--scores FILE]``: Minitron pruning of a causal LM.
+
+SRC is a Hugging Face directory (config.json + safetensors) or a bigtrain checkpoint of the llama
+family. Calibration tokens come from ``--data`` (token shards), else CPython's standard library
+written on demand with SRC's tokenizer.json if it has one (byte-level otherwise). Axes not given
+keep their size. ``--params N``: among candidate shapes under N parameters (width and MLP cut in
+eighths, depth in steps of one layer, heads kept), the one with the lowest calibration loss.
+Writes DIR as a Hugging Face directory (tokenizer files copied) plus ``prune_report.json``
+(shapes, parameter counts, calibration losses, candidates) and ``importance.json`` (the scores,
+reusable with ``--scores``: calibration then runs no forward pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from bigtrain.config import ConfigError
+from bigtrain.families.llama.prune import Importance, apply_plan, estimate_importance, make_plan
+from bigtrain.models.causal_lm import CausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_source(src: str) -> CausalLM:
+    """The full model on the CPU, in fp32, from an HF directory or a bigtrain checkpoint."""
+    if os.path.isfile(os.path.join(src, "config.json")):
+        from bigtrain.families.llama.pretrained import hf_config, load_weights
+
+        with torch.device("meta"):
+            model = CausalLM(hf_config(type("Section", (), {"pretrained": src})()))
+        model.to_empty(device="cpu")
+        model.retie()
+        load_weights(model, src)
+    else:
+        from bigtrain.config import load_saved_config
+        from bigtrain.export import CONFIG_FILE, load_model_state
+        from bigtrain.recipes import build_model
+
+        if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
+            raise ConfigError(f"{src} is neither a Hugging Face directory (config.json) nor a bigtrain checkpoint")
+        cfg = load_saved_config(os.path.join(src, CONFIG_FILE))
+        if cfg.model.family != "llama":
+            raise ConfigError(f"{src} holds a model.family={cfg.model.family} model; prune takes causal LMs (llama)")
+        with torch.device("meta"):
+            model = build_model(cfg)
+        model.load_state_dict(load_model_state(src), strict=False, assign=True)
+        model.retie()
+    model.reset_buffers(torch.device("cpu"))
+    return model.float().eval()
+
+
+def calibration(src: str, data: str | None, samples: int, seq_len: int, vocab: int) -> list[torch.Tensor]:
+    """Token batches of ``samples`` sequences: ``data``'s train split, else the stdlib corpus."""
+    from data_pipeline import GlobalOrder, load_split
+    from data_pipeline.index import read_index
+    from data_pipeline.loader import TokenBatchDataset
+    from data_pipeline.text import BYTES, load_tokenizer, write_text_shards
+
+    tmp = None
+    if data is None:
+        tmp = tempfile.mkdtemp(prefix="bigtrain_calib_")
+        tok = load_tokenizer(src) if os.path.isfile(os.path.join(src, "tokenizer.json")) else BYTES
+        write_text_shards(tmp, seq_len=seq_len, max_bytes=max(400_000, samples * seq_len * 8), tokenizer=tok)
+        data = tmp
+    try:
+        split = load_split(data, "train")
+        index = read_index(data) or {}
+        seq = int(index.get("splits", {}).get("train", {}).get("seq_len", seq_len))  # the shards' own length
+        ds = TokenBatchDataset(split, GlobalOrder([s.num_samples for s in split.shards], 0, shuffle=False),
+                               seq, vocab, 0, "skip")
+        n = min(samples, split.num_samples)
+        return [ds[list(range(i, min(i + 8, n)))]["tokens"] for i in range(0, n, 8)]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def lm_loss(model: CausalLM, batches: list[torch.Tensor]) -> float:
+    total = count = 0.0
+    for tokens in batches:
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(loss), count + tokens[:, 1:].numel()
+    return total / count
+
+
+def shape_params(c: Any, hidden: int, ffn: int, heads: int, layers: int) -> int:
+    """Parameters of a Llama-shaped model with these sizes (biases, if any, are negligible)."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = heads * head_dim, c.num_key_value_heads * head_dim
+    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * ffn + 2 * hidden
+    heads_out = 1 if getattr(c, "tie_word_embeddings", False) else 2
+    return layers * per_layer + heads_out * c.vocab_size * hidden + hidden
+
+
+def candidates(c: Any, budget: int) -> list[tuple[int, int, int, int]]:
+    """(hidden, ffn, heads, layers) under ``budget`` parameters, largest first (at most 8)."""
+    widths = sorted({max(8, c.hidden_size * k // 8 // 8 * 8) for k in range(4, 9)})
+    ffns = sorted({max(8, c.intermediate_size * k // 8 // 8 * 8) for k in range(4, 9)})
+    depths = range(max(1, c.num_hidden_layers // 2), c.num_hidden_layers + 1)
+    found = [(h, f, c.num_attention_heads, d) for h, f, d in itertools.product(widths, ffns, depths)
+             if shape_params(c, h, f, c.num_attention_heads, d) <= budget]
+    return sorted(found, key=lambda s: -shape_params(c, *s))[:8]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bigtrain prune", description=__doc__.split("\n\n")[0])
+    p.add_argument("src")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden", type=int, help="residual width (embedding channels) to keep")
+    p.add_argument("--ffn", type=int, help="MLP neurons per layer to keep")
+    p.add_argument("--heads", type=int, help="query heads per layer to keep (a multiple of the KV heads)")
+    axis = p.add_mutually_exclusive_group()
+    axis.add_argument("--layers", type=int, help="layers to keep (the lowest block importance is dropped)")
+    axis.add_argument("--params", type=float, help="parameter budget: search shapes under it (e.g. 5e8)")
+    p.add_argument("--data", help="token shards for calibration (default: stdlib text, SRC's tokenizer)")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length when writing the corpus")
+    p.add_argument("--scores", help="importance.json of an earlier run on the same SRC: no calibration forward")
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    model = load_source(args.src)
+    c = model.config
+    shape = (args.hidden or c.hidden_size, args.ffn or c.intermediate_size, args.heads or c.num_attention_heads,
+             args.layers or c.num_hidden_layers)
+    checks = [("--hidden", shape[0], c.hidden_size), ("--ffn", shape[1], c.intermediate_size),
+              ("--heads", shape[2], c.num_attention_heads), ("--layers", shape[3], c.num_hidden_layers)]
+    for flag, value, limit in checks:  # before the calibration passes
+        if not 0 < value <= limit:
+            raise ConfigError(f"{flag} {value}: must be between 1 and the source's {limit}")
+    if shape[2] % c.num_key_value_heads:
+        raise ConfigError(f"--heads {shape[2]}: must be a multiple of the {c.num_key_value_heads} key/value heads")
+    batches = calibration(args.src, args.data, args.calib_samples, args.seq_len, c.vocab_size)
+    if args.scores:
+        raw = json.loads(open(args.scores).read())
+        imp = Importance(*(torch.tensor(raw[k]) for k in ("heads", "neurons", "channels", "layers")), raw["samples"])
+    else:
+        imp = estimate_importance(model, batches)
+    tried = []
+    if args.params:
+        options = candidates(c, int(args.params))
+        if not options:
+            raise ConfigError(f"--params {args.params:.3g}: no candidate shape fits (the source has "
+                              f"{sum(t.numel() for t in model.parameters()):,} parameters)")
+        for cand in options:
+            loss = lm_loss(apply_plan(model, make_plan(imp, c, *cand)), batches)
+            tried.append({"hidden": cand[0], "ffn": cand[1], "heads": cand[2], "layers": cand[3],
+                          "params": shape_params(c, *cand), "calib_loss": loss})
+        best = min(tried, key=lambda t: t["calib_loss"])
+        shape = (best["hidden"], best["ffn"], best["heads"], best["layers"])
+    small = apply_plan(model, make_plan(imp, c, *shape))
+    small.to_hf().save_pretrained(args.out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(args.src, name)):
+            shutil.copy(os.path.join(args.src, name), args.out)
+    report = {
+        "source": args.src, "calib_samples": imp.samples,
+        "before": {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.num_attention_heads,
+                   "kv_heads": c.num_key_value_heads, "layers": c.num_hidden_layers,
+                   "params": sum(t.numel() for t in model.parameters()), "calib_loss": lm_loss(model, batches)},
+        "after": {"hidden": shape[0], "ffn": shape[1], "heads": shape[2], "kv_heads": c.num_key_value_heads,
+                  "layers": shape[3], "head_dim": small.config.head_dim,
+                  "params": sum(t.numel() for t in small.parameters()), "calib_loss": lm_loss(small, batches)},
+        "kept_layers": make_plan(imp, c, *shape).layers, "candidates": tried,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    with open(os.path.join(args.out, "prune_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "importance.json"), "w") as f:
+        json.dump(imp.to_dict(), f)
+    b, a = report["before"], report["after"]
+    print(f"pruned {args.src} -> {args.out}: {b['params']:,} -> {a['params']:,} parameters; hidden {b['hidden']}->"
+          f"{a['hidden']}, ffn {b['ffn']}->{a['ffn']}, heads {b['heads']}->{a['heads']}, layers {b['layers']}->"
+          f"{a['layers']}; calibration loss {b['calib_loss']:.3f} -> {a['calib_loss']:.3f}")
+    return 0
