@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,7 +123,7 @@ class Plan:
     channels: list[int]
 
 
-def make_plan(imp: Importance, config: object, hidden: int, ffn: int, heads: int, layers: int) -> Plan:
+def make_plan(imp: Importance, config: Any, hidden: int, ffn: int, heads: int, layers: int) -> Plan:
     c = config
     keep_layers = sorted(torch.topk(imp.layers, layers).indices.tolist())  # least important blocks dropped
     return Plan(layers=keep_layers,
