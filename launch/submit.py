@@ -215,8 +215,10 @@ def wait(jobs: list[Any], poll_s: float = 2.0) -> int:
                 break
             time.sleep(poll_s)
         try:
-            results = job.results()  # one per task; every rank returns the same status
-            code = max(int(r) if isinstance(r, int) else 0 for r in results)
+            # Rank 0's value: every rank returns the same status, except after a stop that is not
+            # requeued (timeout cap), when the other ranks have left without a result.
+            code = job.task(0).result()
+            code = int(code) if isinstance(code, int) else 0
         except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's failure of any type
             print(f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
                   flush=True)

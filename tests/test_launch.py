@@ -99,10 +99,12 @@ def test_local_with_several_nodes_is_refused() -> None:
         main([LM_CONFIG, "--local", "--nodes", "2"])
 
 
-def test_submitit_local_two_ranks_preempted_requeued_and_finished(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_timeouts", [3, 0])
+def test_submitit_local_two_ranks_preempted_requeued_and_finished(max_timeouts: int, tmp_path: Path) -> None:
     """``--local``: the same job through submitit's local executor. USR2 to one rank (what
     submitit's controller sends before its time limit): all ranks save, rank 0 requeues, the
-    restarted tasks resume and finish; ``--wait`` exits 0."""
+    restarted tasks resume and finish; ``--wait`` exits 0. With ``--max-timeouts 0`` the saved
+    job is not requeued and ``--wait`` exits 75 (resubmit to continue)."""
     pytest.importorskip("submitit")
     from data_pipeline.text import write_text_shards
 
@@ -110,7 +112,9 @@ def test_submitit_local_two_ranks_preempted_requeued_and_finished(tmp_path: Path
     write_text_shards(str(data), seq_len=64, max_bytes=300_000, samples_per_shard=256)
     cmd = [sys.executable, "-m", "launch.submit", LM_CONFIG, f"data.dir={data}", f"run.dir={run}", "train.steps=80",
            "checkpoint.every_steps=20", "eval.every_steps=0", "log.progress=false", "parallel.timeout_s=60",
-           "--local", "--tasks-per-node", "2", "--wait"]
+           "--local", "--tasks-per-node", "2", "--wait", "--max-timeouts", str(max_timeouts),
+           # submitit counts a signal as a time-out once 80% of the limit or all but 10 min of it have passed
+           "--time", "60" if max_timeouts else "5"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -125,9 +129,14 @@ def test_submitit_local_two_ranks_preempted_requeued_and_finished(tmp_path: Path
     finally:
         if proc.poll() is None:
             proc.kill()
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.*"))
+    if max_timeouts == 0:
+        assert proc.returncode == 75 and "ended with status 75" in out, out[-3000:]
+        assert "timed-out too many times" in logs and "resumed from" not in logs
+        assert json.loads((run / "results.json").read_text())["status"] == 75
+        return
     assert proc.returncode == 0, out[-3000:]
     assert "ended with status 0" in out
-    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.*"))
     assert "signal on another rank" in logs and "Requeued job" in logs and "resumed from" in logs
     assert sorted(train_records(run)) == list(range(1, 81))
     assert json.loads((run / "results.json").read_text())["status"] == 0
