@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-EXIT_REQUEUE = 75  # bigtrain.trainer.EXIT_REQUEUE; not imported: this process never loads torch
+EXIT_REQUEUE = 75  # bigtrain.trainer.EXIT_REQUEUE (the batch side needs nothing else of the trainer)
 EXIT_BAD_INPUT = 2
 REPO = Path(__file__).resolve().parents[1]
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)  # to the tasks, through srun, when sent to the batch shell only
@@ -64,8 +64,9 @@ def resolve_config(path: str) -> str:
 
 
 def check_config(config: str, overrides: list[str]) -> None:
-    """The whole config, validated here once (no torch import) instead of by every rank after
-    the allocation started them: a typo exits 2 with a one-line reason and is never requeued."""
+    """The whole config, validated here once (~2 s: the family registry imports torch) instead of
+    by every rank after the allocation started them: a typo exits 2 with a one-line reason and is
+    never requeued."""
     from bigtrain.config import ConfigError, load_config
 
     try:
