@@ -91,17 +91,6 @@ def job_end_time() -> float | None:
         return None  # "N/A", "NONE" (no limit) or no squeue
 
 
-def first_host() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST", "")
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return os.environ.get("SLURMD_NODENAME", "127.0.0.1")
-
-
 def has_gpus() -> bool:
     return bool(os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0") or os.environ.get("SLURM_JOB_GPUS")
                 or os.environ.get("SLURM_GPUS_PER_NODE"))
@@ -125,7 +114,10 @@ def task_environment() -> dict[str, str]:
     env = dict(os.environ)
     for stale in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # a submitter's torchrun variables
         env.pop(stale, None)  # would override the per-task SLURM_PROCID / SLURM_LOCALID
-    env.setdefault("MASTER_ADDR", first_host())
+    from bigtrain.distributed.mesh import first_host  # what the ranks themselves would pick
+
+    env.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", ""))
+                   or os.environ.get("SLURMD_NODENAME", "127.0.0.1"))
     # One port per job id: jobs sharing a node do not collide, and a requeued job keeps its port.
     env.setdefault("MASTER_PORT", str(20000 + env_int("SLURM_JOB_ID", 0) % 20000))
     env.update(runtime_defaults())

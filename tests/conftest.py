@@ -26,6 +26,16 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return root
 
 
+@pytest.fixture(scope="session")
+def lm_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Byte-level token shards of the standard library (64-token sequences), written once."""
+    from data_pipeline.text import write_text_shards
+
+    root = str(tmp_path_factory.mktemp("stdlib_seq64"))
+    write_text_shards(root, seq_len=64, max_bytes=300_000, samples_per_shard=256)
+    return root
+
+
 @pytest.fixture
 def tiny_cfg(digits_dir: str, tmp_path: Path):
     """``tiny_cfg("train.steps=4", ...)`` -> Config of the test config in a fresh run dir."""

@@ -41,15 +41,6 @@ def _overrides(model: str, data_dir: str) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def lm_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from data_pipeline.text import write_text_shards
-
-    root = str(tmp_path_factory.mktemp("stdlib_seq64"))
-    write_text_shards(root, seq_len=64, max_bytes=300_000, samples_per_shard=256)
-    return root
-
-
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     model = request.param

@@ -47,15 +47,6 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def lm_data(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from data_pipeline.text import write_text_shards
-
-    root = str(tmp_path_factory.mktemp("stdlib_seq64"))
-    write_text_shards(root, seq_len=64, max_bytes=300_000, samples_per_shard=256)
-    return root
-
-
 def _cfg(hf_dir: Path, data: str, *extra: str):
     from bigtrain.config import load_config
 
@@ -63,14 +54,14 @@ def _cfg(hf_dir: Path, data: str, *extra: str):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "tied"])
-def test_logits_equal_transformers(kind: str, hf_dirs: dict[str, Path], lm_data: str) -> None:
+def test_logits_equal_transformers(kind: str, hf_dirs: dict[str, Path], lm_data_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from bigtrain.distributed import LaunchEnv, ParallelState
     from bigtrain.families import get_family
     from bigtrain.recipes import build_parallel
 
-    cfg = _cfg(hf_dirs[kind], lm_data)
+    cfg = _cfg(hf_dirs[kind], lm_data_dir)
     assert (cfg.model.width, cfg.model.depth, cfg.model.vocab_size) == (64, 3, 300)  # from config.json
     model = build_parallel(cfg, get_family("llama"), ParallelState.create(cfg.parallel, LaunchEnv()), None)
     ref = AutoModelForCausalLM.from_pretrained(hf_dirs[kind], attn_implementation="sdpa")
@@ -81,20 +72,20 @@ def test_logits_equal_transformers(kind: str, hf_dirs: dict[str, Path], lm_data:
     assert type(model.to_hf()).__name__ == type(ref).__name__
 
 
-def test_bad_pretrained_sources_are_refused(hf_dirs: dict[str, Path], lm_data: str, tmp_path: Path) -> None:
+def test_bad_pretrained_sources_are_refused(hf_dirs: dict[str, Path], lm_data_dir: str, tmp_path: Path) -> None:
     from bigtrain.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"'model.depth' \(4\) contradicts .*, which has 3"):
-        _cfg(hf_dirs["llama"], lm_data, "model.depth=4")
+        _cfg(hf_dirs["llama"], lm_data_dir, "model.depth=4")
     with pytest.raises(ConfigError, match="ties its input and output embeddings, which parallel.tp > 1 would"):
-        _cfg(hf_dirs["tied"], lm_data, "parallel.tp=2")
+        _cfg(hf_dirs["tied"], lm_data_dir, "parallel.tp=2")
     with pytest.raises(ConfigError, match="has no config.json"):
-        _cfg(tmp_path, lm_data)
+        _cfg(tmp_path, lm_data_dir)
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConfigError, match="is a GPT2LMHeadModel; supported: LlamaForCausalLM"):
-        _cfg(other, lm_data)
+        _cfg(other, lm_data_dir)
     pickled = tmp_path / "bin_only"
     pickled.mkdir()
     (pickled / "config.json").write_text((hf_dirs["llama"] / "config.json").read_text())
@@ -105,12 +96,12 @@ def test_bad_pretrained_sources_are_refused(hf_dirs: dict[str, Path], lm_data: s
         weight_files(str(pickled))
 
 
-def test_sharded_loading_matches_one_process_under_fsdp_tp_pp(hf_dirs: dict[str, Path], lm_data: str,
+def test_sharded_loading_matches_one_process_under_fsdp_tp_pp(hf_dirs: dict[str, Path], lm_data_dir: str,
                                                              tmp_path: Path) -> None:
     """Every layout starts from exactly the pretrained weights (initial parameters equal to the
     single-process load, bit for bit) and trains like one process; under ZeRO-3 each rank reads
     half of the elements."""
-    overrides = [f"model.pretrained={hf_dirs['qwen2']}", f"data.dir={lm_data}", *FROM_DIR, "train.steps=3",
+    overrides = [f"model.pretrained={hf_dirs['qwen2']}", f"data.dir={lm_data_dir}", *FROM_DIR, "train.steps=3",
                  "checkpoint.every_steps=0", "parallel.timeout_s=120"]
     args = [x for o in overrides for x in ("--override", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -30,15 +30,6 @@ COMMON = ["eval.every_steps=0", "eval.final=false", "log.progress=false", "log.e
           "checkpoint.keep_last=0", "parallel.timeout_s=60", f"train.steps={STEPS}", f"checkpoint.every_steps={EVERY}"]
 
 
-@pytest.fixture(scope="module")
-def lm_data(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from data_pipeline.text import write_text_shards
-
-    root = str(tmp_path_factory.mktemp("stdlib_seq64"))
-    write_text_shards(root, seq_len=64, max_bytes=300_000, samples_per_shard=256)
-    return root
-
-
 def job_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "BIGTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
 
@@ -100,10 +91,10 @@ def assert_bit_identical(run: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_node_run(slurm_cluster: dict, lm_data: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_node_run(slurm_cluster: dict, lm_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``sbatch -N2 slurm/llm.sh``, uninterrupted: the reference of every resume test here."""
     tmp = tmp_path_factory.mktemp("sbatch_ref")
-    job, run, log = lm_job(tmp, "run", lm_data, [])
+    job, run, log = lm_job(tmp, "run", lm_data_dir, [])
     info = finish(job, log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()[-3000:]
     text = log.read_text()
@@ -111,13 +102,13 @@ def two_node_run(slurm_cluster: dict, lm_data: str, tmp_path_factory: pytest.Tem
     return run
 
 
-def test_sbatch_two_nodes_matches_one_process(slurm_cluster: dict, lm_data: str, tmp_path: Path) -> None:
+def test_sbatch_two_nodes_matches_one_process(slurm_cluster: dict, lm_data_dir: str, tmp_path: Path) -> None:
     """Parity over 20 steps (fp32 reduction-order differences grow chaotically over longer runs:
     measured 1.2e-7 loss difference up to step 20, 4e-5 by step 50, 1.4e-4 by step 150)."""
     steps = ["train.steps=20", "checkpoint.every_steps=0"]
-    job, run, log = lm_job(tmp_path, "run", lm_data, [], *steps)
+    job, run, log = lm_job(tmp_path, "run", lm_data_dir, [], *steps)
     ref = tmp_path / "ref.pt"
-    overrides = [f"data.dir={lm_data}", *COMMON, *steps]
+    overrides = [f"data.dir={lm_data_dir}", *COMMON, *steps]
     subprocess.run([sys.executable, "-m", "bigtrain.tools.parity", "--config", LM_CONFIG,
                     *[x for o in overrides for x in ("--override", o)], "--workdir", str(tmp_path / "single"),
                     "--reference", str(ref)], check=True, env=job_env(), cwd=ROOT, timeout=300, capture_output=True)
@@ -136,11 +127,11 @@ def test_sbatch_two_nodes_matches_one_process(slurm_cluster: dict, lm_data: str,
     assert (num / den) ** 0.5 <= 2e-5, (num / den) ** 0.5
 
 
-def test_preempted_and_requeued_job_resumes_bit_exactly(two_node_run: Path, lm_data: str, tmp_path: Path) -> None:
+def test_preempted_and_requeued_job_resumes_bit_exactly(two_node_run: Path, lm_data_dir: str, tmp_path: Path) -> None:
     """A signal (what --signal sends before the time limit) makes the ranks save and exit 75 and
     the batch side requeue; then an operator's ``scontrol requeue`` (SIGTERM: save, Slurm
     requeues). Two restarts, final parameters bit-identical to the uninterrupted run."""
-    job, run, log = lm_job(tmp_path, "run", lm_data, [])
+    job, run, log = lm_job(tmp_path, "run", lm_data_dir, [])
     wait_until(lambda: checkpoint(run, EVERY).exists(), 120, "the first checkpoint")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_until(lambda: "resumed from" in log.read_text(), 120, "the first resume")
@@ -157,9 +148,9 @@ def test_preempted_and_requeued_job_resumes_bit_exactly(two_node_run: Path, lm_d
     assert_bit_identical(run, two_node_run)
 
 
-def test_job_that_keeps_stopping_ends_at_the_requeue_cap(slurm_cluster: dict, lm_data: str, tmp_path: Path) -> None:
+def test_job_that_keeps_stopping_ends_at_the_requeue_cap(slurm_cluster: dict, lm_data_dir: str, tmp_path: Path) -> None:
     # train.max_minutes ~ 0: every attempt saves after one step and exits 75
-    job, run, log = lm_job(tmp_path, "run", lm_data, [], "train.max_minutes=0.0001", BIGTRAIN_MAX_REQUEUES="1")
+    job, run, log = lm_job(tmp_path, "run", lm_data_dir, [], "train.max_minutes=0.0001", BIGTRAIN_MAX_REQUEUES="1")
     info = finish(job, log, timeout=240)
     text = log.read_text()
     assert info["Restarts"] == "1" and info["ExitCode"] == "75:0", text[-3000:]
@@ -167,8 +158,8 @@ def test_job_that_keeps_stopping_ends_at_the_requeue_cap(slurm_cluster: dict, lm
     assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*")) == [1, 2]
 
 
-def test_bad_config_fails_before_srun_and_is_not_requeued(slurm_cluster: dict, lm_data: str, tmp_path: Path) -> None:
-    job, run, log = lm_job(tmp_path, "run", lm_data, [], "train.stepz=3")
+def test_bad_config_fails_before_srun_and_is_not_requeued(slurm_cluster: dict, lm_data_dir: str, tmp_path: Path) -> None:
+    job, run, log = lm_job(tmp_path, "run", lm_data_dir, [], "train.stepz=3")
     info = finish(job, log, timeout=60)
     text = log.read_text()
     assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", text
@@ -188,11 +179,11 @@ def _rank_pid(job: str, rank: int) -> int | None:
     return None
 
 
-def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(slurm_cluster: dict, lm_data: str,
+def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(slurm_cluster: dict, lm_data_dir: str,
                                                                   tmp_path: Path) -> None:
     from bigtrain.checkpoint import check_loadable
 
-    job, run, log = lm_job(tmp_path, "run", lm_data, [], "train.steps=100000")
+    job, run, log = lm_job(tmp_path, "run", lm_data_dir, [], "train.steps=100000")
     wait_until(lambda: checkpoint(run, EVERY).exists(), 120, "the first checkpoint")
     pid = _rank_pid(job, 1)
     assert pid is not None
@@ -208,11 +199,11 @@ def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(slurm_cluster: 
 
 
 @pytest.mark.slow
-def test_time_limit_stops_saves_and_requeues(slurm_cluster: dict, lm_data: str, tmp_path: Path) -> None:
+def test_time_limit_stops_saves_and_requeues(slurm_cluster: dict, lm_data_dir: str, tmp_path: Path) -> None:
     """A real one-minute limit and no signal (--signal=URG is ignored; Slurm sends --signal up to
     60 s early, which for a one-minute job is any time): train.deadline, from squeue's end time,
     stops the run before Slurm kills it; it saves, exits 75, is requeued, resumes, hits the cap."""
-    job, run, log = lm_job(tmp_path, "run", lm_data, ["--time=1", "--signal=URG@1"], "train.steps=100000",
+    job, run, log = lm_job(tmp_path, "run", lm_data_dir, ["--time=1", "--signal=URG@1"], "train.steps=100000",
                            BIGTRAIN_MAX_REQUEUES="1", BIGTRAIN_DEADLINE_MARGIN_S="10")
     info = finish(job, log, timeout=400)
     text = log.read_text()
@@ -227,13 +218,13 @@ def _submitit_overrides(data: str, run: Path) -> list[str]:
     return [f"data.dir={data}", f"run.dir={run}", *COMMON]
 
 
-def test_submitit_two_nodes_timeout_requeues_and_resumes_bit_exactly(two_node_run: Path, lm_data: str,
+def test_submitit_two_nodes_timeout_requeues_and_resumes_bit_exactly(two_node_run: Path, lm_data_dir: str,
                                                                       tmp_path: Path) -> None:
     pytest.importorskip("submitit")
     from launch.submit import submit, wait
 
     run = tmp_path / "run"
-    jobs = submit(str(ROOT / LM_CONFIG), _submitit_overrides(lm_data, run), nodes=2, tasks_per_node=1,
+    jobs = submit(str(ROOT / LM_CONFIG), _submitit_overrides(lm_data_dir, run), nodes=2, tasks_per_node=1,
                   time_min=10, max_timeouts=2)
     wait_until(lambda: checkpoint(run, EVERY).exists(), 180, "the first checkpoint")
     jobs[0]._interrupt(timeout=True)  # submitit's time-limit signal (USR2) to every task
@@ -245,14 +236,14 @@ def test_submitit_two_nodes_timeout_requeues_and_resumes_bit_exactly(two_node_ru
     assert_bit_identical(run, two_node_run)
 
 
-def test_submitit_array_runs_one_job_per_sweep_point(slurm_cluster: dict, lm_data: str, tmp_path: Path) -> None:
+def test_submitit_array_runs_one_job_per_sweep_point(slurm_cluster: dict, lm_data_dir: str, tmp_path: Path) -> None:
     pytest.importorskip("submitit")
     from launch.submit import submit, wait
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("optim.lr: [1.0e-3, 2.0e-3, 3.0e-3]\n")
     base = tmp_path / "sweep"
-    jobs = submit(str(ROOT / LM_CONFIG), [f"data.dir={lm_data}", f"run.dir={base}", *COMMON, "train.steps=3"],
+    jobs = submit(str(ROOT / LM_CONFIG), [f"data.dir={lm_data_dir}", f"run.dir={base}", *COMMON, "train.steps=3"],
                   sweep=str(sweep), time_min=10)
     assert len(jobs) == 3 and len({j.job_id.split("_")[0] for j in jobs}) == 1  # one array
     assert wait(jobs) == 0
