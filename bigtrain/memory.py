@@ -102,15 +102,16 @@ def _storage_key(t: torch.Tensor) -> int:
 
 def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
     """Saved-tensor bytes of one forward on ``meta``, attributed to the block that saved them."""
-    from bigtrain.recipes import build_model, make_task
+    from bigtrain.recipes import build_model, make_task, uses_teacher
 
     family = get_family(cfg.model.family)
     if family.example_batch is None:
         raise ConfigError(f"model.family={family.name} declares no example_batch: its activations cannot be profiled")
     with torch.device("meta"):
         model = build_model(cfg)
+        teacher = build_model(cfg, "teacher").eval().requires_grad_(False) if uses_teacher(cfg) else None
     model.train()
-    task = make_task(cfg, model)
+    task = make_task(cfg, model, teacher)
     batch = {k: v.to("meta") if torch.is_tensor(v) else v
              for k, v in family.example_batch(cfg.model, micro_batch, torch.Generator().manual_seed(0)).items()}
     skip = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
@@ -153,9 +154,15 @@ def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
                              sum(b for b, _ in saved.get("", {}).values()), len(blocks))
 
 
-def _local_numel(p: torch.Tensor, name: str, block_params: set[str], dp: int, tp: int, fsdp: bool) -> tuple[int, ...]:
+def _block_params(model: nn.Module) -> set[int]:
+    """The parameters inside ``model.blocks`` (by identity: a family may name its container otherwise)."""
+    blocks = getattr(model, "blocks", None)
+    return {id(p) for p in blocks.parameters()} if isinstance(blocks, nn.Module) else set()
+
+
+def _local_numel(p: torch.Tensor, block_params: set[int], dp: int, tp: int, fsdp: bool) -> tuple[int, ...]:
     shape = list(p.shape)
-    if tp > 1 and p.ndim >= 2 and name in block_params:
+    if tp > 1 and p.ndim >= 2 and id(p) in block_params:
         shape[0] = math.ceil(shape[0] / tp)  # colwise or rowwise: the element count is what matters
     if fsdp and dp > 1 and shape:
         shape[0] = math.ceil(shape[0] / dp)
@@ -195,10 +202,9 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     plan = plan_batches(cfg, dp, pp)
     spec = get_optimizer(cfg.optim.name)
     model, nblocks = _stage_model(cfg, pp)
-    blocks = getattr(model, "blocks", None)
-    block_params = {f"blocks.{n}" for n, _ in blocks.named_parameters()} if blocks is not None else set()
+    block_params = _block_params(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    local = {n: _local_numel(p, n, block_params, dp, tp, fsdp) for n, p in model.named_parameters()}
+    local = {n: _local_numel(p, block_params, dp, tp, fsdp) for n, p in model.named_parameters()}
     params = sum(4 * math.prod(s) for s in local.values())
     grads = sum(4 * math.prod(local[n]) for n, _ in trainable)
     state = {n: spec.state_bytes(tuple(p.shape), local[n], cfg.optim) for n, p in trainable}
@@ -210,6 +216,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
         # gradient_as_bucket_view; bigtrain does not yet)
         rows["gradient all-reduce buckets"] = grads
     param_bytes = 2 if cfg.train.dtype == "bfloat16" and fsdp else 4
+    blocks = getattr(model, "blocks", None)
     unit = max((sum(p.numel() for p in b.parameters()) // tp for b in blocks.values()), default=0) if blocks is not None else 0
     if fsdp and dp > 1:
         if zero == 3:
@@ -230,8 +237,9 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
 
         with torch.device("meta"):
             teacher = build_model(cfg, "teacher")
-        rows["teacher parameters"] = sum(math.prod(_local_numel(p, "", set(), dp, tp, fsdp)) * param_bytes
-                                         for p in teacher.parameters())
+        t_blocks = _block_params(teacher)
+        rows["teacher parameters"] = sum(math.prod(_local_numel(p, t_blocks, dp, tp, cfg.distill.shard_teacher))
+                                         * param_bytes for p in teacher.parameters())
     largest = max((math.prod(s) for s in local.values()), default=0)
     rows["optimizer step working set"] = 3 * 4 * largest
     rows["runtime baseline"] = CUDA_BASELINE if device == "cuda" else CPU_BASELINE

@@ -8,6 +8,7 @@ data stream and checkpointer. Neither it nor the trainer branches on the family 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from torch import nn
 
 from bigtrain.checkpoint import Checkpointer
 from bigtrain.components import EMA
+from bigtrain.components.teacher import Teacher
 from bigtrain.config import Config, ConfigError, dump_yaml
 from bigtrain.config.batching import plan_batches
 from bigtrain.distributed import LaunchEnv, ParallelState, parallelize_blocks
@@ -71,16 +73,20 @@ def parallelize(family: Family, model: nn.Module, cfg: Config, ps: ParallelState
 
 
 def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: torch.dtype | None,
-                   prune: Callable[[nn.Module], None] | None = None) -> nn.Module:
-    """This rank's parallelized model (or pipeline stage, cut by ``prune``). From the seed, it is
-    initialised on the CPU (the same numbers on any device) and moved. From pretrained weights,
-    it is built on ``meta``, parallelized there, materialized empty on the device and filled by
-    the source, each rank reading only its own shards: no rank ever holds the whole model."""
-    source = family.pretrained(cfg.model) if family.pretrained is not None else None
+                   prune: Callable[[nn.Module], None] | None = None, section: str = "model") -> nn.Module:
+    """This rank's parallelized model (or pipeline stage, cut by ``prune``) of a model section. From
+    the seed, it is initialised on the CPU (the same numbers on any device) and moved. From
+    pretrained weights, it is built on ``meta``, parallelized there, materialized empty on the device
+    and filled by the source, each rank reading only its own shards: no rank ever holds the whole
+    model."""
+    model_cfg = getattr(cfg, section)
+    source = family.pretrained(model_cfg) if family.pretrained is not None else None
     with torch.device("meta") if source is not None else contextlib.nullcontext():
-        model = build_model(cfg)
+        model = build_model(cfg, section)
     if prune is not None:
         prune(model)
+    if section != "model":  # the family's parallelize reads the model section: give it this one
+        cfg = dataclasses.replace(cfg, model=model_cfg)
     if source is None:
         return parallelize(family, model.to(ps.device), cfg, ps, param_dtype)
     model = parallelize(family, model, cfg, ps, param_dtype)
@@ -90,9 +96,31 @@ def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: 
     return model
 
 
-def make_task(cfg: Config, model: nn.Module) -> nn.Module:
-    """The objective ``task`` of the config's family, wrapping ``model``."""
-    return get_family(cfg.model.family).tasks[cfg.task](cfg, model)
+def build_teacher(cfg: Config, ps: ParallelState, param_dtype: torch.dtype | None) -> Teacher:
+    """The frozen teacher on the student's mesh: its pretrained weights (required), tensor-parallel
+    like the student, FSDP-sharded over data parallel (``distill.shard_teacher``), no activation
+    checkpointing (it never runs backward)."""
+    family = get_family(cfg.teacher.family, "teacher.family")
+    source = family.pretrained(cfg.teacher) if family.pretrained is not None else None
+    if source is None:
+        raise ConfigError(f"the teacher (teacher.family={cfg.teacher.family}) has no weights to load: name them in "
+                          "the teacher section (e.g. teacher.pretrained=DIR)")
+    layout = dataclasses.replace(cfg.parallel, zero=3 if cfg.distill.shard_teacher else 0,
+                                 activation_checkpointing="none")
+    # frozen before parallelize: FSDP then keeps no gradient state for it
+    model = build_parallel(dataclasses.replace(cfg, parallel=layout), family, ps, param_dtype, section="teacher")
+    return Teacher(model, source.path)
+
+
+def make_task(cfg: Config, model: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
+    """The objective ``task`` of the config's family, wrapping ``model`` (and the teacher, for tasks
+    that use one)."""
+    factory = get_family(cfg.model.family).tasks[cfg.task]
+    return factory(cfg, model, teacher) if uses_teacher(cfg) else factory(cfg, model)
+
+
+def uses_teacher(cfg: Config) -> bool:
+    return bool(getattr(get_family(cfg.model.family).tasks[cfg.task], "uses_teacher", False))
 
 
 def train_dataset(cfg: Config, split: SplitInfo) -> Any:
@@ -141,6 +169,9 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     if ps.pp > 1 and not family.pipeline:
         raise ConfigError(f"model.family={cfg.model.family} does not split into pipeline stages: parallel.pp must be 1 "
                           f"(got {ps.pp})")
+    if ps.pp > 1 and uses_teacher(cfg):
+        raise ConfigError(f"task={cfg.task} runs a teacher beside the student, which the pipeline schedules do not "
+                          f"carry: parallel.pp must be 1 (got {ps.pp})")
     if ps.rank == 0:
         ensure_data(cfg)
     ps.barrier()  # other ranks read the shards rank 0 may just have written
@@ -148,7 +179,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
     with torch.device("meta"):  # names for parameter groups, from the whole (unsplit) model
         full = build_model(cfg)
-    pipeline = None
+    pipeline, teacher = None, None
     if ps.pp > 1:
         task = make_task(cfg, nn.Identity())
 
@@ -162,7 +193,8 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         task.model = PipelineModel(pipeline)
     else:
         parts = [build_parallel(cfg, family, ps, param_dtype)]
-        task = make_task(cfg, parts[0])
+        teacher = build_teacher(cfg, ps, param_dtype) if uses_teacher(cfg) else None
+        task = make_task(cfg, parts[0], teacher.model if teacher else None)
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
@@ -179,7 +211,9 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         group=ps.side_group(), config_text=dump_yaml(cfg), write_threads=cfg.checkpoint.write_threads,
         keep_aside=cfg.checkpoint.keep_aside, allow_changes=cfg.resume_allow_changes,
     )
-    components = [EMA(model, cfg.ema.decay, cfg.ema.eval)] if cfg.ema.decay > 0 else []
+    components: list[Any] = [EMA(model, cfg.ema.decay, cfg.ema.eval)] if cfg.ema.decay > 0 else []
+    if teacher is not None:
+        components.append(teacher)
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline,
                       components=components)
     trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)

@@ -79,7 +79,7 @@ def test_bad_pretrained_sources_are_refused(hf_dirs: dict[str, Path], lm_data_di
         _cfg(hf_dirs["llama"], lm_data_dir, "model.depth=4")
     with pytest.raises(ConfigError, match="ties its input and output embeddings, which parallel.tp > 1 would"):
         _cfg(hf_dirs["tied"], lm_data_dir, "parallel.tp=2")
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match="has neither a config.json"):
         _cfg(tmp_path, lm_data_dir)
     other = tmp_path / "gpt2"
     other.mkdir()

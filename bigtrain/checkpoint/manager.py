@@ -604,37 +604,54 @@ class Checkpointer:
         return None
 
     def load_weights(self, path: str, model: nn.Module) -> dict[str, list[str]]:
-        """``init=PATH``: model weights only, into a new run. Tensors whose shapes differ are refused;
-        tensors only one side has are logged (new ones keep their initialisation)."""
-        meta = self.verify(path)
-        saved = read_metadata_file(os.path.join(path, METADATA_FILE)).state_dict_metadata
-        local = get_model_state_dict(model)
-        prefix = "model."
-        mismatched, matched, fresh = [], {}, []
-        for name, tensor in local.items():
-            entry = saved.get(prefix + name)
-            if not isinstance(entry, TensorStorageMetadata):
-                fresh.append(name)
-            elif tuple(entry.size) != tuple(tensor.shape):
-                mismatched.append(f"{name} {tuple(entry.size)} vs {tuple(tensor.shape)}")
-            else:
-                matched[prefix + name] = tensor
-        unused = sorted(k[len(prefix):] for k in saved if k.startswith(prefix) and k[len(prefix):] not in local)
-        if mismatched:
-            raise IncompatibleCheckpoint(f"init={path}: tensor shapes differ: {', '.join(mismatched[:4])}"
-                                         + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
-        if not matched:
-            raise IncompatibleCheckpoint(f"init={path}: no model tensor of this run is in the checkpoint")
-        try:
-            with _single_process_ok():
-                dcp.load(matched, storage_reader=SafeFileSystemReader(path), planner=_PartialLoadPlanner(),
-                         process_group=self.group, no_dist=not _distributed())
-        except (CheckpointException, Exception) as exc:
-            raise CorruptCheckpoint(f"init={path} does not load: {_reason(exc)}") from None
-        set_model_state_dict(model, {k[len(prefix):]: v for k, v in matched.items()}, options=StateDictOptions(strict=False))
-        log.info("init from %s (step %d): %d tensors loaded, %d kept fresh %s, %d in the checkpoint unused %s", path,
-                 meta["step"], len(matched), len(fresh), fresh[:3], len(unused), unused[:3])
-        return {"fresh": fresh, "unused": unused}
+        """``init=PATH``: model weights only, into a new run (see :func:`load_model_weights`)."""
+        return load_model_weights(path, model, self.group, "init", meta=self.verify(path))
+
+
+def load_model_weights(path: str, model: nn.Module, group: Any = None, key: str = "init",
+                       meta: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """A checkpoint's model weights (nothing else) into ``model``, resharded to its layout: each
+    rank reads the shards it holds. Tensors whose shapes differ are refused; tensors only one side
+    has are returned (``fresh``: the model's, left as they are; ``unused``: the checkpoint's) and
+    logged. ``key`` names the config key in messages. Collective over ``group`` (all ranks when
+    None) when distributed: each rank checksums its share of the files unless ``meta`` says the
+    caller verified them."""
+    if meta is None:
+        meta, problems = verify_share(path, *((dist.get_rank(group), dist.get_world_size(group)) if _distributed()
+                                              else (0, 1)))
+        if _distributed():
+            gathered: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, problems, group=group)
+            problems = [p for rank_problems in gathered for p in rank_problems]
+        meta = _verdict(path, meta, problems)
+    saved = read_metadata_file(os.path.join(path, METADATA_FILE)).state_dict_metadata
+    local = get_model_state_dict(model)
+    prefix = "model."
+    mismatched, matched, fresh = [], {}, []
+    for name, tensor in local.items():
+        entry = saved.get(prefix + name)
+        if not isinstance(entry, TensorStorageMetadata):
+            fresh.append(name)
+        elif tuple(entry.size) != tuple(tensor.shape):
+            mismatched.append(f"{name} {tuple(entry.size)} vs {tuple(tensor.shape)}")
+        else:
+            matched[prefix + name] = tensor
+    unused = sorted(k[len(prefix):] for k in saved if k.startswith(prefix) and k[len(prefix):] not in local)
+    if mismatched:
+        raise IncompatibleCheckpoint(f"{key}={path}: tensor shapes differ: {', '.join(mismatched[:4])}"
+                                     + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
+    if not matched:
+        raise IncompatibleCheckpoint(f"{key}={path}: no model tensor of this run is in the checkpoint")
+    try:
+        with _single_process_ok():
+            dcp.load(matched, storage_reader=SafeFileSystemReader(path), planner=_PartialLoadPlanner(),
+                     process_group=group, no_dist=not _distributed())
+    except (CheckpointException, Exception) as exc:
+        raise CorruptCheckpoint(f"{key}={path} does not load: {_reason(exc)}") from None
+    set_model_state_dict(model, {k[len(prefix):]: v for k, v in matched.items()}, options=StateDictOptions(strict=False))
+    log.info("%s from %s (step %d): %d tensors loaded, %d kept fresh %s, %d in the checkpoint unused %s", key, path,
+             meta["step"], len(matched), len(fresh), fresh[:3], len(unused), unused[:3])
+    return {"fresh": fresh, "unused": unused}
 
 
 class _PartialLoadPlanner(SafeLoadPlanner):

@@ -247,6 +247,26 @@ class EMAConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from the ``teacher`` section into the model (tasks that use a teacher)."""
+
+    temperature: float = doc(1.0, "Softmax temperature tau of teacher and student in the KD term, which is scaled "
+                             "by tau^2 so its gradients keep their size across temperatures.", gt=0)
+    kd_weight: float = doc(1.0, "Weight of the forward KL(teacher || student), summed over the vocabulary (classes) "
+                           "and averaged over tokens (samples).", ge=0)
+    ce_weight: float = doc(0.0, "Weight of the cross-entropy on the data's own targets (Minitron retrains with KD "
+                           "only: 0).", ge=0)
+    hidden_weight: float = doc(0.0, "Weight of the hidden-state loss: per token, the squared distance between each "
+                               "student block's output and its teacher block's over the teacher's squared norm (needs "
+                               "equal widths: depth-pruned students).", ge=0)
+    hidden_layers: list[int] = doc([], "For each student block, the teacher block whose output it matches "
+                                   "(prune_report.json lists the kept layers); [] = evenly spaced, last to last.", ge=0)
+    shard_teacher: bool = doc(True, "FSDP-shard the teacher over the data-parallel ranks (gathered block by block "
+                              "for each forward, like ZeRO-3); false = a full replica per data-parallel rank (no "
+                              "communication, more memory).")
+
+
+@dataclass
 class LogConfig:
     every_steps: int = doc(10, "Write a training record to metrics.jsonl every N steps.", gt=0)
     progress: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto = only when stderr is a terminal.")
@@ -300,6 +320,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA of the weights (a training component)."})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={
+        "help": "Distillation from the teacher section (tasks that use a teacher)."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallel layout."})
     task: str = doc("", "Training objective, one of the model family's tasks; '' = the family's default.")
     resume: str = doc(
@@ -334,12 +356,19 @@ class Config:
         if self.data.source not in (*family.data_sources, "none"):
             raise ConfigError(f"config key 'data.source': {self.data.source!r} is not a data source of model.family="
                               f"{self.model.family}; choose from {[*family.data_sources, 'none']}")
+        uses_teacher = getattr(family.tasks[self.task], "uses_teacher", False)
         if self.teacher.family:
             teacher = get_family(self.teacher.family, "teacher.family")
             apply_preset(self.teacher, teacher, "teacher")
-            if not getattr(family.tasks[self.task], "uses_teacher", False):
+            if not uses_teacher:
                 raise ConfigError(f"config section 'teacher' is set (teacher.family={self.teacher.family}) but "
                                   f"task={self.task} uses no teacher; remove it or pick a distillation task")
+        elif uses_teacher:
+            raise ConfigError(f"task={self.task} distills from a teacher: set the teacher section (e.g. "
+                              "teacher.family=llama teacher.pretrained=DIR, an HF directory or a bigtrain checkpoint)")
+        if uses_teacher and self.parallel.pp > 1:
+            raise ConfigError(f"task={self.task} runs a teacher beside the student, which the pipeline schedules do not "
+                              f"carry: parallel.pp must be 1 (got {self.parallel.pp}); use dp / ZeRO / tp")
         if family.validate is not None:
             family.validate(self)
         self._validate_rest()

@@ -245,7 +245,10 @@ def find_command(name: str, kind: str = "commands") -> Callable[[list[str]], int
 def apply_preset(section: Any, family: Family, key: str = "model") -> None:
     """Fill the size keys the user left at 0 from the pretrained source, else from the
     ``model.variant`` preset, in place. A key set to something else than the source says is an error."""
-    source = family.pretrained(section) if family.pretrained is not None else None
+    try:
+        source = family.pretrained(section) if family.pretrained is not None else None
+    except ConfigError as exc:  # the family names its own section 'model.*'; this one may be 'teacher.*'
+        raise ConfigError(str(exc).replace("'model.", f"'{key}.")) from None
     if source is not None:
         for name, value in source.sizes.items():
             if getattr(section, name) not in (0, value):

@@ -17,17 +17,16 @@ from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
 from bigtrain.families.llama.parallelize import parallelize_lm
 from bigtrain.families.llama.pretrained import hf_config, pretrained, read_hf_config
 from bigtrain.families.llama.prune_cli import main as prune_main
-from bigtrain.models.causal_lm import CausalLM, llama_config
+from bigtrain.models.causal_lm import CausalLM
 from bigtrain.tasks import CausalLMTask
+from bigtrain.tasks.distill import DistillLMTask
 from data_pipeline import GlobalOrder, SplitInfo
 from data_pipeline.loader import TokenBatchDataset
 from data_pipeline.text import BYTES, load_tokenizer, stdlib_files, train_bpe, write_text_shards
 
 
 def build(m: LlamaModelConfig) -> CausalLM:
-    if m.pretrained:
-        return CausalLM(hf_config(m))
-    return CausalLM(llama_config(m.vocab_size, m.width, m.depth, m.num_heads, m.num_kv_heads, m.mlp_dim, m.seq_len))
+    return CausalLM(hf_config(m))
 
 
 def validate(cfg: Config) -> None:
@@ -43,20 +42,62 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.tokenizer': {cfg.data.tokenizer} does not exist (a tokenizer.json or a "
                           "directory holding one; or 'bytes' / 'bpe')")
     if m.pretrained:
-        hf = read_hf_config(m.pretrained)
-        split = [f"{k} > 1" for k, v in (("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)) if v > 1]
-        split += ["parallel.zero >= 2 (FSDP)"] if cfg.parallel.zero >= 2 else []
-        if hf.get("tie_word_embeddings") and split:
-            raise ConfigError(f"model.pretrained={m.pretrained} ties its input and output embeddings, which "
-                              f"{' and '.join(split)} would split apart: use data parallel with parallel.zero 0 or 1")
-        if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf["sliding_window"] < m.seq_len:
-            raise ConfigError(f"config key 'model.seq_len' ({m.seq_len}) exceeds the sliding window "
-                              f"({hf['sliding_window']}) of {m.pretrained}, which training does not apply")
+        _check_source(m, "model", m.seq_len, _splits(cfg) + (["parallel.zero >= 2 (FSDP)"] if cfg.parallel.zero >= 2 else []))
+    if cfg.teacher.family == "llama":
+        _check_teacher(cfg)
     explicit_head_dim = bool(m.pretrained and read_hf_config(m.pretrained).get("head_dim"))
     if m.width % m.num_heads and not explicit_head_dim:  # an explicit head_dim (pruned models) frees the width
         raise ConfigError(f"config key 'model.width' ({m.width}) is not divisible by model.num_heads ({m.num_heads})")
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:
         raise ConfigError(f"config key 'model.num_kv_heads' ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+
+
+def _splits(cfg: Config) -> list[str]:
+    """The layout settings that split a model's tensors apart (FSDP aside)."""
+    return [f"{k} > 1" for k, v in (("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp)) if v > 1]
+
+
+def _check_source(section: Any, key: str, seq_len: int, split: list[str]) -> None:
+    """A pretrained source fits the layout: tied embeddings survive only unsplit layouts, and a
+    sliding window shorter than the sequence would be ignored by training."""
+    hf = read_hf_config(section.pretrained, f"{key}.pretrained")
+    if hf.get("tie_word_embeddings") and split:
+        raise ConfigError(f"{key}.pretrained={section.pretrained} ties its input and output embeddings, which "
+                          f"{' and '.join(split)} would split apart: use data parallel with parallel.zero 0 or 1"
+                          + (" and distill.shard_teacher=false" if key == "teacher" else ""))
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True) and hf["sliding_window"] < seq_len:
+        raise ConfigError(f"config key 'model.seq_len' ({seq_len}) exceeds the sliding window "
+                          f"({hf['sliding_window']}) of {section.pretrained}, which training does not apply")
+
+
+def _check_teacher(cfg: Config) -> None:
+    """A llama teacher: trained weights, the student's vocabulary, the student's sequence length."""
+    t, m, d = cfg.teacher, cfg.model, cfg.distill
+    if not t.pretrained:
+        raise ConfigError("config key 'teacher.pretrained' must name the teacher's weights (a Hugging Face directory "
+                          "or a bigtrain checkpoint): a randomly initialised teacher teaches nothing")
+    t.seq_len = m.seq_len  # the teacher reads the student's batches
+    if t.vocab_size != m.vocab_size:
+        raise ConfigError(f"the teacher's vocabulary ({t.vocab_size}, teacher.pretrained={t.pretrained}) differs "
+                          f"from the student's (model.vocab_size={m.vocab_size}): distillation compares them token by token")
+    _check_source(t, "teacher", m.seq_len, _splits(cfg) + (["distill.shard_teacher (FSDP)"] if d.shard_teacher else []))
+    if d.hidden_weight > 0 and cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel:
+        raise ConfigError("distill.hidden_weight > 0 compares whole hidden states, which sequence parallelism splits "
+                          "across tensor-parallel ranks: set parallel.sequence_parallel=false (or distill.hidden_weight=0)")
+    if d.hidden_weight > 0 and t.width != m.width:
+        raise ConfigError(f"distill.hidden_weight > 0 needs the teacher's width ({t.width}) to equal the student's "
+                          f"(model.width={m.width}): the hidden-state loss is for depth-pruned students")
+    if d.hidden_layers and (len(d.hidden_layers) != m.depth or max(d.hidden_layers) >= t.depth):
+        raise ConfigError(f"config key 'distill.hidden_layers' needs one teacher block (0..{t.depth - 1}) for each of "
+                          f"the student's {m.depth} blocks, got {d.hidden_layers}")
+
+
+def distill_task(cfg: Config, model: nn.Module, teacher: nn.Module) -> DistillLMTask:
+    d = cfg.distill
+    return DistillLMTask(model, teacher, d.temperature, d.kd_weight, d.ce_weight, d.hidden_weight, d.hidden_layers)
+
+
+distill_task.uses_teacher = True  # type: ignore[attr-defined]
 
 
 def write_stdlib_text(cfg: Config, root: str) -> None:
@@ -106,7 +147,7 @@ FAMILY = Family(
     description="decoder-only causal LM from Hugging Face's LlamaForCausalLM (GQA, SwiGLU, RoPE), next-token prediction",
     config=LlamaModelConfig,
     build=build,
-    tasks={"causal_lm": lambda cfg, model: CausalLMTask(model)},
+    tasks={"causal_lm": lambda cfg, model: CausalLMTask(model), "distill": distill_task},
     train_data=train_data,
     evaluator=evaluator,
     flops_per_sample=flops_per_sample,

@@ -21,9 +21,10 @@ class LlamaModelConfig(ModelConfig):
                           "stdlib_text tokenizer).", ge=0)
     seq_len: int = doc(128, "Tokens per training sequence.", gt=0)
     pretrained: str = doc(
-        "", "A local Hugging Face model directory (config.json + safetensors; Llama, Mistral or Qwen2 architecture) "
-        "to start from: its sizes fill the size keys (set ones must agree) and each rank reads only the slices of "
-        "the weights it holds. '' = initialise from train.seed.")
+        "", "Weights to start from: a local Hugging Face model directory (config.json + safetensors; Llama, Mistral "
+        "or Qwen2 architecture) or a bigtrain checkpoint of this family (e.g. a teacher: teacher.pretrained). Its "
+        "sizes fill the size keys (set ones must agree) and each rank reads only the slices of the weights it holds. "
+        "'' = initialise from train.seed.")
 
 
 PRESETS = {

@@ -1,10 +1,14 @@
-"""``model.pretrained: DIR``: a local Hugging Face causal-LM directory (config.json + safetensors)
-as the starting weights, read shard by shard into the already parallelized model.
+"""``model.pretrained: DIR`` (and ``teacher.pretrained``): a local Hugging Face causal-LM directory
+(config.json + safetensors) or a bigtrain checkpoint of this family as the starting weights, read
+shard by shard into the already parallelized model.
 
 Every rank reads from the safetensors files only the slice of each tensor it holds (its FSDP
 rows, its tensor-parallel columns, its pipeline stage's layers): no rank ever holds a full copy
 of a sharded tensor. Weights in ``pytorch_model.bin`` (a pickle) are never read: loading one runs
-code. ``.bin``-only directories are refused with the conversion to use.
+code. ``.bin``-only directories are refused with the conversion to use. A bigtrain checkpoint is
+verified (sizes and checksums) and read through DCP, which reshards it to this run's layout; its
+architecture is the one its own config describes (recursively, when it was itself started from an
+HF directory).
 """
 
 from __future__ import annotations
@@ -26,13 +30,39 @@ SIZE_KEYS = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attentio
              "num_key_value_heads": "num_kv_heads", "intermediate_size": "mlp_dim", "vocab_size": "vocab_size"}
 
 
+def is_checkpoint(path: str) -> bool:
+    """A bigtrain checkpoint directory (its config YAML, no HF config.json)."""
+    from bigtrain.checkpoint import CONFIG_FILE
+
+    return not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def saved_section(path: str, key: str = "model.pretrained") -> Any:
+    """The ``model`` section a bigtrain checkpoint was trained with."""
+    from bigtrain.checkpoint import CONFIG_FILE
+    from bigtrain.config import load_saved_config
+
+    section = load_saved_config(os.path.join(path, CONFIG_FILE)).model
+    if section.family != "llama":
+        raise ConfigError(f"config key '{key}': {path} holds a model.family={section.family} model, not a llama one")
+    return section
+
+
 def read_hf_config(path: str, key: str = "model.pretrained") -> dict[str, Any]:
+    """The transformers config (as a dict) of a pretrained source: an HF directory's config.json, or
+    the architecture a bigtrain checkpoint's own config builds."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"config key '{key}': {path} does not exist (a Hugging Face model directory or a bigtrain "
+                          "checkpoint)")
+    if is_checkpoint(path):
+        return hf_config(saved_section(path, key)).to_dict()
     cfg_file = os.path.join(path, "config.json")
     try:
         with open(cfg_file) as f:
             hf = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config key '{key}': {path} has no config.json (a Hugging Face model directory)") from None
+        raise ConfigError(f"config key '{key}': {path} has neither a config.json (a Hugging Face model directory) "
+                          "nor a config.yaml (a bigtrain checkpoint)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config key '{key}': cannot read {cfg_file}: {exc}") from None
     arch = (hf.get("architectures") or ["?"])[0]
@@ -107,6 +137,8 @@ def pretrained(m: Any) -> Pretrained | None:
     path = getattr(m, "pretrained", "")
     if not path:
         return None
+    if is_checkpoint(path):
+        return _checkpoint_source(path)
     hf = read_hf_config(path)
     sizes = {ours: hf[theirs] for theirs, ours in SIZE_KEYS.items() if theirs in hf}
     sizes.setdefault("num_kv_heads", sizes.get("num_heads", 0))
@@ -120,8 +152,33 @@ def pretrained(m: Any) -> Pretrained | None:
     return Pretrained(path=path, sizes=sizes, load=load)
 
 
+def _checkpoint_source(path: str) -> Pretrained:
+    from bigtrain.checkpoint import load_model_weights
+
+    saved = saved_section(path)
+
+    def load(model: nn.Module) -> dict[str, int]:
+        model.retie()
+        report = load_model_weights(path, model, key="pretrained")
+        if report["fresh"]:
+            raise ConfigError(f"pretrained={path} lacks {len(report['fresh'])} tensors of the model, e.g. {report['fresh'][0]}")
+        model.reset_buffers(next(model.parameters()).device)
+        tensors = dict(model.named_parameters())
+        return {"tensors": len(tensors), "elements": sum(local_box(p)[0].numel() for p in tensors.values())}
+
+    return Pretrained(path=path, sizes={k: getattr(saved, k) for k in SIZE_KEYS.values()}, load=load)
+
+
 def hf_config(m: Any) -> Any:
-    """The transformers config of ``model.pretrained``, with the run's attention kernel."""
+    """The transformers config a ``model`` (or ``teacher``) section builds: ``pretrained``'s own (an HF
+    directory's config.json, with the run's attention kernel, or what a bigtrain checkpoint's config
+    builds), else a Llama config from the sizes."""
+    from bigtrain.models.causal_lm import llama_config
+
+    if not m.pretrained:
+        return llama_config(m.vocab_size, m.width, m.depth, m.num_heads, m.num_kv_heads, m.mlp_dim, m.seq_len)
+    if is_checkpoint(m.pretrained):
+        return hf_config(saved_section(m.pretrained))
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(m.pretrained, local_files_only=True)

@@ -33,28 +33,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def load_source(src: str) -> CausalLM:
     """The full model on the CPU, in fp32, from an HF directory or a bigtrain checkpoint."""
-    if os.path.isfile(os.path.join(src, "config.json")):
-        from bigtrain.families.llama.pretrained import hf_config, load_weights
+    from types import SimpleNamespace
 
-        with torch.device("meta"):
-            model = CausalLM(hf_config(type("Section", (), {"pretrained": src})()))
+    from bigtrain.export import load_model_state
+    from bigtrain.families.llama.pretrained import hf_config, is_checkpoint, load_weights, read_hf_config
+
+    read_hf_config(src, "SRC")  # a clear error for anything that is neither
+    with torch.device("meta"):
+        model = CausalLM(hf_config(SimpleNamespace(pretrained=src)))
+    if is_checkpoint(src):
+        model.load_state_dict(load_model_state(src), strict=False, assign=True)
+    else:
         model.to_empty(device="cpu")
         model.retie()
         load_weights(model, src)
-    else:
-        from bigtrain.config import load_saved_config
-        from bigtrain.export import CONFIG_FILE, load_model_state
-        from bigtrain.recipes import build_model
-
-        if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
-            raise ConfigError(f"{src} is neither a Hugging Face directory (config.json) nor a bigtrain checkpoint")
-        cfg = load_saved_config(os.path.join(src, CONFIG_FILE))
-        if cfg.model.family != "llama":
-            raise ConfigError(f"{src} holds a model.family={cfg.model.family} model; prune takes causal LMs (llama)")
-        with torch.device("meta"):
-            model = build_model(cfg)
-        model.load_state_dict(load_model_state(src), strict=False, assign=True)
-        model.retie()
+    model.retie()
     model.reset_buffers(torch.device("cpu"))
     return model.float().eval()
 
