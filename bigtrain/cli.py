@@ -46,6 +46,9 @@ commands:
   config show CONFIG [key=value]  print the resolved config
   export CKPT --format safetensors|hf --out PATH
                                   consolidate a sharded checkpoint into one model file (any world size)
+  distill-logits CONFIG [key=value ...] --out DIR [--top-k K]
+                                  run a distillation config's teacher once, store its top-k logits for
+                                  the student (distill.logits=DIR)
   NAME ...                        a subcommand a model family registered (see `bigtrain families`)
 
 exit codes: 0 done, 1 crash, 2 bad input (config, data, or a checkpoint that is damaged,
@@ -265,6 +268,10 @@ def _main(argv: list[str] | None = None) -> int:
             from bigtrain.export import main as export_main
 
             return export_main(rest)
+        if cmd == "distill-logits":
+            from bigtrain.distill_logits import main as logits_main
+
+            return logits_main(rest)
         if cmd == "report":
             from bigtrain.report import make_report
 

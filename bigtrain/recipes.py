@@ -31,6 +31,7 @@ from bigtrain.optim.builder import head_param_names, no_weight_decay_names
 from bigtrain.trainer import Trainer
 from data_pipeline import DataError, SplitInfo, TrainStream, load_split
 from data_pipeline.index import check_shards, find_foreign_shards, read_index
+from data_pipeline.logits import StoredLogits
 from data_pipeline.writer import write_set_atomically
 
 log = logging.getLogger(__name__)
@@ -193,15 +194,21 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         task.model = PipelineModel(pipeline)
     else:
         parts = [build_parallel(cfg, family, ps, param_dtype)]
-        teacher = build_teacher(cfg, ps, param_dtype) if uses_teacher(cfg) else None
+        if cfg.distill.logits:  # the store stands in for the teacher, which is never built
+            teacher = Teacher(None, cfg.distill.logits)
+        elif uses_teacher(cfg):
+            teacher = build_teacher(cfg, ps, param_dtype)
         task = make_task(cfg, parts[0], teacher.model if teacher else None)
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
     optimizer = build_optimizer(model, cfg.optim, no_weight_decay_names(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
+    dataset = train_dataset(cfg, train_split)
+    if cfg.distill.logits:
+        dataset.stored = StoredLogits(cfg.distill.logits)
     stream = TrainStream(
-        train_dataset(cfg, train_split), batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
+        dataset, batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
         error_budget_min_samples=cfg.data.error_budget_min_samples, pin_memory=ps.device.type == "cuda",

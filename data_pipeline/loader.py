@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.index import DataError, SplitInfo
+from data_pipeline.logits import StoredLogits, sample_key
 from data_pipeline.order import GlobalOrder
 from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES, ShardReader
 from data_pipeline.writer import IMAGE_EXTS
@@ -102,6 +103,7 @@ class ShardBatchDataset(Dataset):
         self.split, self.order, self.seed, self.train, self.on_error = split, order, seed, train, on_error
         self.max_member_bytes = max_member_bytes
         self.reader: ShardReader | None = None  # opened lazily, per process
+        self.stored: StoredLogits | None = None  # stored teacher targets, merged into each sample
 
     def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -114,7 +116,10 @@ class ShardBatchDataset(Dataset):
             _, members = self.reader.read(self.split.path(shard), index)
         except (IndexError, OSError) as exc:
             raise SampleError(str(exc)) from None
-        return self.decode(members, position)
+        sample = self.decode(members, position)
+        if self.stored is not None:
+            sample.update(self.stored.targets(position, self.seed, sample_key(shard, index)))
+        return sample
 
     def __getitem__(self, positions: list[int]) -> dict[str, Any]:
         """A batch of exactly ``len(positions)`` samples.

@@ -40,12 +40,13 @@ def fingerprint(path: str) -> bytes:
 
 
 class Teacher:
-    """The frozen teacher: evaluation mode, no gradients, its source's fingerprint as checkpoint state."""
+    """The frozen teacher: evaluation mode, no gradients, its source's fingerprint as checkpoint state.
+    ``model`` None: the teacher's stored logits (``source``, a logit store) stand in for it."""
 
     name = "teacher"
 
-    def __init__(self, model: nn.Module, source: str) -> None:
-        self.model = model.eval().requires_grad_(False)
+    def __init__(self, model: nn.Module | None, source: str) -> None:
+        self.model = model.eval().requires_grad_(False) if model is not None else None
         self.source = source
         self.fingerprint = torch.frombuffer(bytearray(fingerprint(source)), dtype=torch.uint8).clone()
 

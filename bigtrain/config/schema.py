@@ -264,6 +264,8 @@ class DistillConfig:
     shard_teacher: bool = doc(True, "FSDP-shard the teacher over the data-parallel ranks (gathered block by block "
                               "for each forward, like ZeRO-3); false = a full replica per data-parallel rank (no "
                               "communication, more memory).")
+    logits: str = doc("", "A store of the teacher's top-k logits (written by `bigtrain distill-logits` with this "
+                      "config) that the student reads instead of running the teacher; '' = run the teacher.")
 
 
 @dataclass
@@ -363,15 +365,45 @@ class Config:
             if not uses_teacher:
                 raise ConfigError(f"config section 'teacher' is set (teacher.family={self.teacher.family}) but "
                                   f"task={self.task} uses no teacher; remove it or pick a distillation task")
-        elif uses_teacher:
+        elif uses_teacher and not self.distill.logits:
             raise ConfigError(f"task={self.task} distills from a teacher: set the teacher section (e.g. "
-                              "teacher.family=llama teacher.pretrained=DIR, an HF directory or a bigtrain checkpoint)")
+                              "teacher.family=llama teacher.pretrained=DIR, an HF directory or a bigtrain checkpoint) "
+                              "or distill.logits (its stored top-k logits)")
+        if self.distill.logits:
+            self._validate_stored_logits(family, uses_teacher)
         if uses_teacher and self.parallel.pp > 1:
             raise ConfigError(f"task={self.task} runs a teacher beside the student, which the pipeline schedules do not "
                               f"carry: parallel.pp must be 1 (got {self.parallel.pp}); use dp / ZeRO / tp")
         if family.validate is not None:
             family.validate(self)
         self._validate_rest()
+
+    def _validate_stored_logits(self, family: Any, uses_teacher: bool) -> None:
+        """distill.logits must have been written for this run: its temperature, data seed, items per
+        sample and at least as many samples as the run reads."""
+        from data_pipeline import DataError
+        from data_pipeline.logits import read_meta
+
+        d = self.distill
+        if not uses_teacher:
+            raise ConfigError(f"config key 'distill.logits' is set but task={self.task} uses no teacher")
+        if d.hidden_weight > 0:
+            raise ConfigError("distill.hidden_weight > 0 needs the live teacher's hidden states; a logit store "
+                              "(distill.logits) holds logits only")
+        try:
+            meta = read_meta(d.logits)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+        needed = self.train.steps * self.train.global_batch_size
+        items = family.sample_unit(self.model)[1]
+        for what, stored, here in (("temperature", meta.temperature, d.temperature), ("data seed", meta.seed,
+                                   self.train.seed), ("targets per sample", meta.items, items)):
+            if stored != here:
+                raise ConfigError(f"distill.logits={d.logits} was written with {what} {stored}, this run has {here} "
+                                  "(distill.temperature, train.seed, model.seq_len): write it again for this run")
+        if meta.samples < needed:
+            raise ConfigError(f"distill.logits={d.logits} stores {meta.samples} samples, this run reads {needed} "
+                              f"(train.steps x train.global_batch_size): write it for as many steps")
 
     def _validate_rest(self) -> None:
         t, s = self.train, self.schedule

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,44 @@ class Pretrained:
     path: str
     sizes: Mapping[str, Any]
     load: Callable[[nn.Module], dict[str, int]]
+
+
+def saved_model_section(path: str, family: str, key: str = "model.pretrained") -> Any:
+    """The ``model`` section a bigtrain checkpoint was trained with; refused unless of ``family``."""
+    from bigtrain.checkpoint import CONFIG_FILE
+    from bigtrain.config import load_saved_config
+
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise ConfigError(f"config key '{key}': {path} is not a bigtrain checkpoint (no {CONFIG_FILE})")
+    section = load_saved_config(os.path.join(path, CONFIG_FILE)).model
+    if section.family != family:
+        raise ConfigError(f"config key '{key}': {path} holds a model.family={section.family} model, not a {family} one")
+    return section
+
+
+def checkpoint_source(path: str, family: str, size_keys: tuple[str, ...], prepare: Callable[[nn.Module], None] = lambda m: None,
+                      finish: Callable[[nn.Module], None] = lambda m: None) -> Pretrained:
+    """A bigtrain checkpoint as pretrained weights: its saved section gives ``size_keys``; ``load``
+    verifies it and reads, through DCP, the shards of every model tensor this rank holds (any saved
+    layout into any current one), between the family's ``prepare`` and ``finish`` (e.g. re-tying
+    embeddings, recomputing buffers). A tensor the checkpoint lacks is an error, not a fresh init."""
+    saved = saved_model_section(path, family)
+
+    def load(model: nn.Module) -> dict[str, int]:
+        from torch.distributed.tensor import DTensor
+
+        from bigtrain.checkpoint import load_model_weights
+
+        prepare(model)
+        report = load_model_weights(path, model, key="pretrained")
+        if report["fresh"]:
+            raise ConfigError(f"pretrained={path} lacks {len(report['fresh'])} tensors of the model, e.g. {report['fresh'][0]}")
+        finish(model)
+        params = dict(model.named_parameters())
+        return {"tensors": len(params),
+                "elements": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params.values())}
+
+    return Pretrained(path=path, sizes={k: getattr(saved, k) for k in size_keys}, load=load)
 
 
 @dataclass(frozen=True)
@@ -266,5 +305,5 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
             setattr(section, name, value)
 
 
-__all__ = ["EvalContext", "Family", "Pretrained", "all_families", "apply_preset", "family_names", "find_command", "get_family",
+__all__ = ["EvalContext", "Family", "Pretrained", "all_families", "checkpoint_source", "saved_model_section", "apply_preset", "family_names", "find_command", "get_family",
            "register_family"]

@@ -271,6 +271,13 @@ class ViT(nn.Module):
         skip = ("pool.", "head.") if trunk_only else ()
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(skip))
 
+    def reset_buffers(self, device: torch.device) -> None:
+        """Recompute the non-persistent buffers (sincos position embeddings) after ``to_empty`` left them
+        uninitialised: they follow from the sizes and are never stored in a checkpoint."""
+        if self.args.posemb != "learned":
+            grid = self.args.image_size // self.args.patch_size
+            self.pos_embed = sincos2d(grid, self.args.width).to(device)
+
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay: norms, biases, embeddings/tokens/probes."""
         names = set()

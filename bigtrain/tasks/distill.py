@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.tasks.causal_lm import CausalLMTask
+from bigtrain.tasks.classification import ClassificationTask
 
 
 def kd_per_item(student_logits: torch.Tensor, target_probs: torch.Tensor, tau: float) -> torch.Tensor:
@@ -73,21 +74,83 @@ class _BlockOutputs:
             self.active = False
 
 
-class DistillLMTask(CausalLMTask):
-    """Next-token distillation of a causal LM: ``batch["tokens"]`` as for :class:`CausalLMTask`; the
-    teacher sees the same inputs. Logs ``kd``, ``ce`` (always: it is the number comparable with
-    training from scratch), ``hidden`` (when weighted), ``token_acc`` and ``teacher_agreement``
-    (the student's top-1 equals the teacher's)."""
+def sparse_target(val: torch.Tensor, idx: torch.Tensor, lse: torch.Tensor, vocab: int, tau: float) -> torch.Tensor:
+    """The dense teacher distribution at temperature ``tau`` from stored top-k logits ``val`` (classes
+    ``idx``) and the full logsumexp of logits / tau: exact on the top k, the remaining mass spread
+    evenly over the other classes (TinyViT)."""
+    top = torch.exp(val.float() / tau - lse.float()[..., None])
+    k = idx.shape[-1]
+    rest = (1.0 - top.sum(-1, keepdim=True)).clamp_min(0.0) / max(vocab - k, 1)
+    return rest.expand(*top.shape[:-1], vocab).scatter(-1, idx, top)
+
+
+class _Distill:
+    """What the LM and classification distillation tasks share: the teacher, the target (live teacher
+    or stored top-k fields ``t_val``/``t_idx``/``t_lse`` in the batch), the KD + CE mix and the logs.
+    The host class provides ``model``, ``loss(logits, batch)`` (the data's cross-entropy) and
+    ``pipeline_inputs(batch)`` (what both models read)."""
 
     uses_teacher = True
+    model: nn.Module
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, temperature: float = 1.0, kd_weight: float = 1.0,
-                 ce_weight: float = 0.0, hidden_weight: float = 0.0, hidden_layers: list[int] | None = None) -> None:
-        super().__init__(model)
+    def _distill_init(self, teacher: nn.Module | None, temperature: float, kd_weight: float, ce_weight: float) -> None:
         self.teacher = [teacher]  # a list: not a submodule, so never in the model's state dict or optimizer
-        self.tau, self.kd_weight, self.ce_weight, self.hidden_weight = temperature, kd_weight, ce_weight, hidden_weight
+        self.tau, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The teacher's logits, (batch, items, classes): what a logit store keeps the top k of."""
+        if self.teacher[0] is None:
+            raise RuntimeError("this task has no teacher (it reads stored targets)")
+        t = self.teacher[0](self.pipeline_inputs(batch))
+        return t.view(t.shape[0], -1, t.shape[-1])
+
+    def _targets(self, batch: dict[str, Any], logits: torch.Tensor,
+                 t_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher distribution at tau, teacher top-1), shaped like ``logits`` without / with classes."""
+        if t_logits is not None:
+            return teacher_probs(t_logits, self.tau), t_logits.argmax(-1)
+        shape = logits.shape[:-1]
+        val, idx = batch["t_val"].reshape(*shape, -1), batch["t_idx"].reshape(*shape, -1)
+        return sparse_target(val, idx, batch["t_lse"].reshape(shape), logits.shape[-1], self.tau), idx[..., 0]
+
+    def distill_loss(self, logits: torch.Tensor, batch: dict[str, Any],
+                     t_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        target, t_top1 = self._targets(batch, logits, t_logits)
+        ce = self.loss(logits, batch)  # {"loss": the data's cross-entropy, accuracy}
+        kd = weighted_mean(kd_per_item(logits, target, self.tau), batch)
+        loss = self.kd_weight * kd + (self.ce_weight * ce["loss"] if self.ce_weight else 0.0)
+        out = {**{k: v.detach() for k, v in ce.items() if k != "loss"}, "loss": loss, "kd": kd.detach(),
+               "ce": ce["loss"].detach()}
+        with torch.no_grad():
+            out["teacher_agreement"] = weighted_mean((logits.argmax(-1) == t_top1).float(), batch)
+        return out
+
+
+def weighted_mean(per_item: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean over items (tokens of a sequence, or samples) of the samples with weight 1."""
+    weight = batch.get("weight")
+    if weight is None:
+        return per_item.mean()
+    w = weight.to(per_item.device).view(-1, *[1] * (per_item.ndim - 1)).expand_as(per_item)
+    return (per_item * w).sum() / w.sum().clamp_min(1.0)
+
+
+class DistillLMTask(_Distill, CausalLMTask):
+    """Next-token distillation of a causal LM: ``batch["tokens"]`` as for :class:`CausalLMTask`; the
+    teacher (or the store) gives a target per input token. Logs ``kd``, ``ce`` (always: it is the
+    number comparable with training from scratch), ``hidden`` (when weighted), ``token_acc`` and
+    ``teacher_agreement`` (the student's top-1 equals the teacher's)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, temperature: float = 1.0, kd_weight: float = 1.0,
+                 ce_weight: float = 0.0, hidden_weight: float = 0.0, hidden_layers: list[int] | None = None) -> None:
+        CausalLMTask.__init__(self, model)
+        self._distill_init(teacher, temperature, kd_weight, ce_weight)
+        self.hidden_weight = hidden_weight
         self.student_blocks = self.teacher_blocks = None
         if hidden_weight > 0:
+            if teacher is None:
+                raise ValueError("the hidden-state loss needs a live teacher (stored targets hold logits only)")
             s_names, t_names = list(model.blocks.keys()), list(teacher.blocks.keys())
             mapping = hidden_layers or default_layer_map(len(s_names), len(t_names))
             if len(mapping) != len(s_names) or not all(0 <= i < len(t_names) for i in mapping):
@@ -100,26 +163,18 @@ class DistillLMTask(CausalLMTask):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = self.pipeline_inputs(batch)
         hidden = self.hidden_weight > 0
-        with torch.no_grad(), (self.teacher_blocks.recording() if hidden else contextlib.nullcontext()) as t_out:
-            t_logits = self.teacher[0](inputs)
+        t_logits = None
+        if "t_val" not in batch:
+            with torch.no_grad(), (self.teacher_blocks.recording() if hidden else contextlib.nullcontext()) as t_out:
+                t_logits = self.teacher[0](inputs)
         with self.student_blocks.recording() if hidden else contextlib.nullcontext() as s_out:
             logits = self.model(inputs)
-        out = self.distill_loss(logits, teacher_probs(t_logits, self.tau), batch)
-        with torch.no_grad():
-            agree = (logits.argmax(-1) == t_logits.argmax(-1)).float()
-            out["teacher_agreement"] = self._weighted_mean(agree, batch)
+        out = self.distill_loss(logits, batch, t_logits)
         if hidden:
             h_loss = self.hidden_loss(s_out, t_out, batch)
             out["loss"] = out["loss"] + self.hidden_weight * h_loss
             out["hidden"] = h_loss.detach()
         return out
-
-    def distill_loss(self, logits: torch.Tensor, target: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """KD (and CE) of the student's logits against the teacher's distribution ``target``."""
-        ce = self.loss(logits, batch)  # {"loss": cross-entropy, "token_acc"}
-        kd = self._weighted_mean(kd_per_item(logits, target, self.tau), batch)
-        loss = self.kd_weight * kd + (self.ce_weight * ce["loss"] if self.ce_weight else 0.0)
-        return {"loss": loss, "kd": kd.detach(), "ce": ce["loss"].detach(), "token_acc": ce["token_acc"]}
 
     def hidden_loss(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                     batch: dict[str, Any]) -> torch.Tensor:
@@ -133,13 +188,23 @@ class DistillLMTask(CausalLMTask):
                 raise ValueError(f"hidden-state loss: student block {s_name} outputs {tuple(h_s.shape)}, teacher block "
                                  f"{t_name} {tuple(h_t.shape)} (it needs equal widths)")
             per_token = (h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-12)
-            terms.append(self._weighted_mean(per_token, batch))
+            terms.append(weighted_mean(per_token, batch))
         return torch.stack(terms).mean()
 
-    @staticmethod
-    def _weighted_mean(per_token: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        weight = batch.get("weight")
-        if weight is None:
-            return per_token.mean()
-        w = weight.to(per_token.device)[:, None].expand_as(per_token)
-        return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+class DistillClassificationTask(_Distill, ClassificationTask):
+    """Image-classifier distillation: one teacher distribution per image (live, or stored with the
+    augmentation seed so the stored target belongs to the very crop the student sees)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, temperature: float = 1.0, kd_weight: float = 1.0,
+                 ce_weight: float = 0.0) -> None:
+        ClassificationTask.__init__(self, model)
+        self._distill_init(teacher, temperature, kd_weight, ce_weight)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        inputs = self.pipeline_inputs(batch)
+        t_logits = None
+        if "t_val" not in batch:
+            with torch.no_grad():
+                t_logits = self.teacher[0](inputs)
+        return self.distill_loss(self.model(inputs), batch, t_logits)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bigtrain.config import ConfigError
-from bigtrain.families import Pretrained
+from bigtrain.families import Pretrained, checkpoint_source, saved_model_section
 from bigtrain.models.causal_lm import ARCHITECTURES
 from bigtrain.optim.builder import clean_name
 
@@ -39,13 +39,7 @@ def is_checkpoint(path: str) -> bool:
 
 def saved_section(path: str, key: str = "model.pretrained") -> Any:
     """The ``model`` section a bigtrain checkpoint was trained with."""
-    from bigtrain.checkpoint import CONFIG_FILE
-    from bigtrain.config import load_saved_config
-
-    section = load_saved_config(os.path.join(path, CONFIG_FILE)).model
-    if section.family != "llama":
-        raise ConfigError(f"config key '{key}': {path} holds a model.family={section.family} model, not a llama one")
-    return section
+    return saved_model_section(path, "llama", key)
 
 
 def read_hf_config(path: str, key: str = "model.pretrained") -> dict[str, Any]:
@@ -153,20 +147,10 @@ def pretrained(m: Any) -> Pretrained | None:
 
 
 def _checkpoint_source(path: str) -> Pretrained:
-    from bigtrain.checkpoint import load_model_weights
-
-    saved = saved_section(path)
-
-    def load(model: nn.Module) -> dict[str, int]:
-        model.retie()
-        report = load_model_weights(path, model, key="pretrained")
-        if report["fresh"]:
-            raise ConfigError(f"pretrained={path} lacks {len(report['fresh'])} tensors of the model, e.g. {report['fresh'][0]}")
+    def finish(model: nn.Module) -> None:
         model.reset_buffers(next(model.parameters()).device)
-        tensors = dict(model.named_parameters())
-        return {"tensors": len(tensors), "elements": sum(local_box(p)[0].numel() for p in tensors.values())}
 
-    return Pretrained(path=path, sizes={k: getattr(saved, k) for k in SIZE_KEYS.values()}, load=load)
+    return checkpoint_source(path, "llama", tuple(SIZE_KEYS.values()), prepare=lambda m: m.retie(), finish=finish)
 
 
 def hf_config(m: Any) -> Any:

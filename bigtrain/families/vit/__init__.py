@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from bigtrain.config import Config, ConfigError
-from bigtrain.families import Family
+from bigtrain.families import Family, Pretrained, checkpoint_source
 from bigtrain.families.image_classification import (
     check_image_keys,
     classification_evaluator,
@@ -20,6 +20,7 @@ from bigtrain.families.vit.config import PRESETS, ViTConfig
 from bigtrain.families.vit.parallelize import parallelize_vit
 from bigtrain.models.vit import ViT, ViTArgs
 from bigtrain.tasks import ClassificationTask
+from bigtrain.tasks.distill import DistillClassificationTask
 
 
 def vit_args(m: ViTConfig) -> ViTArgs:
@@ -44,6 +45,31 @@ def validate(cfg: Config) -> None:
     if m.image_size % m.patch_size:
         raise ConfigError(f"config key 'model.patch_size' ({m.patch_size}) must divide model.image_size ({m.image_size})")
     vit_args(m)
+    t = cfg.teacher
+    if t.family == "vit":
+        if not t.pretrained:
+            raise ConfigError("config key 'teacher.pretrained' must name the teacher's weights (a bigtrain checkpoint "
+                              "of a ViT): a randomly initialised teacher teaches nothing")
+        for key in ("image_size", "in_channels", "num_classes"):  # the teacher reads the student's batches
+            if getattr(t, key) != getattr(m, key):
+                raise ConfigError(f"config key 'teacher.{key}' ({getattr(t, key)}) differs from model.{key} "
+                                  f"({getattr(m, key)}): the teacher must read the student's images and classes")
+
+
+def pretrained(m: ViTConfig) -> Pretrained | None:
+    """``model.pretrained`` / ``teacher.pretrained``: a bigtrain checkpoint of a ViT."""
+    if not m.pretrained:
+        return None
+    return checkpoint_source(m.pretrained, "vit", ("width", "depth", "mlp_dim", "num_heads"),
+                             finish=lambda model: model.reset_buffers(next(model.parameters()).device))
+
+
+def distill_task(cfg: Config, model: nn.Module, teacher: nn.Module | None) -> DistillClassificationTask:
+    d = cfg.distill
+    return DistillClassificationTask(model, teacher, d.temperature, d.kd_weight, d.ce_weight)
+
+
+distill_task.uses_teacher = True  # type: ignore[attr-defined]
 
 
 def flops_per_sample(model: nn.Module, m: Any) -> float:
@@ -56,7 +82,8 @@ FAMILY = Family(
     config=ViTConfig,
     build=lambda m: ViT(vit_args(m)),
     tasks={"classification": lambda cfg, model: ClassificationTask(model),
-           "sigmoid_classification": lambda cfg, model: ClassificationTask(model, loss="sigmoid")},
+           "sigmoid_classification": lambda cfg, model: ClassificationTask(model, loss="sigmoid"),
+           "distill": distill_task},
     train_data=image_train_data,
     evaluator=classification_evaluator,
     flops_per_sample=flops_per_sample,
@@ -68,4 +95,5 @@ FAMILY = Family(
     pipeline=True,
     validate=validate,
     example_batch=image_batch,
+    pretrained=pretrained,
 )

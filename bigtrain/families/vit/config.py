@@ -29,6 +29,10 @@ class ViTConfig(ModelConfig):
     head_bias_init: float = doc(
         0.0, "Initial classifier bias (big_vision's init_head_bias; -10 with task=sigmoid_classification, so the "
         "first steps do not push every class down from p = 0.5).")
+    pretrained: str = doc(
+        "", "A bigtrain checkpoint of a ViT to start from (e.g. a distillation teacher: teacher.pretrained): its "
+        "sizes fill width/depth/mlp_dim/num_heads; the other keys must describe the same model. Each rank reads "
+        "only its shards. '' = initialise from train.seed.")
 
 
 PRESETS = {
