@@ -13,6 +13,7 @@ A BPE tokenizer is saved as ``tokenizer.json`` beside the shards.
 from __future__ import annotations
 
 import os
+import zlib
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -125,21 +126,28 @@ def token_member(seq: np.ndarray, vocab_size: int) -> dict[str, bytes]:
 
 def write_text_shards(
     root: str, seq_len: int = 128, max_bytes: int = 2_000_000, val_fraction: float = 0.05, samples_per_shard: int = 512,
-    files: list[str] | None = None, tokenizer: TextTokenizer = BYTES,
+    files: list[str] | None = None, tokenizer: TextTokenizer = BYTES, val_by: str = "sequence",
 ) -> dict[str, list[ShardInfo]]:
-    """Write ``train`` and ``val`` token shards (every 1/val_fraction-th sequence goes to val); a
-    BPE tokenizer is saved as ``root/tokenizer.json``."""
+    """Write ``train`` and ``val`` token shards; ``val_by``: every 1/val_fraction-th sequence goes to
+    val, or (``"file"``) whole files whose path hashes into the val fraction, so held-out text has no
+    near-duplicate in training. A BPE tokenizer is saved as ``root/tokenizer.json``."""
     files = files if files is not None else stdlib_files(max_bytes)
     if not files:
         raise DataError("no text files found for the token corpus")
-    seqs = list(token_sequences(files, seq_len, tokenizer))
-    if len(seqs) < 2:
-        raise DataError(f"corpus too small for sequences of {seq_len + 1} tokens")
     every = max(2, round(1 / val_fraction))
+    if val_by == "file":
+        held = {f for f in files if zlib.crc32(os.path.basename(f).encode()) % every == 0}
+        parts = {"train": token_sequences([f for f in files if f not in held], seq_len, tokenizer),
+                 "val": token_sequences([f for f in files if f in held], seq_len, tokenizer)}
+        named = [(name, i, seq) for name, seqs in parts.items() for i, seq in enumerate(seqs)]
+    else:
+        named = [("val" if i % every == every - 1 else "train", i, seq)
+                 for i, seq in enumerate(token_sequences(files, seq_len, tokenizer))]
     splits: dict[str, list[tuple[str, dict[str, bytes]]]] = {"train": [], "val": []}
-    for i, seq in enumerate(seqs):
-        split = "val" if i % every == every - 1 else "train"
+    for split, i, seq in named:
         splits[split].append((f"seq_{i:08d}", token_member(seq, tokenizer.vocab_size)))
+    if min(len(v) for v in splits.values()) < 1:
+        raise DataError(f"corpus too small for train and val sequences of {seq_len + 1} tokens")
     meta = {"vocab_size": tokenizer.vocab_size, "seq_len": seq_len, "tokenizer": tokenizer.name,
             "token_bits": 16 if tokenizer.vocab_size <= U16_LIMIT else 32}
     if tokenizer.hf is not None:

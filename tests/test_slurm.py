@@ -9,6 +9,7 @@ layout must be bit-identical to the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -251,3 +252,33 @@ def test_submitit_array_runs_one_job_per_sweep_point(slurm_cluster: dict, lm_dat
     assert [p.name for p in runs] == ["0-optim.lr=0.001", "1-optim.lr=0.002", "2-optim.lr=0.003"]
     finals = [model_params(checkpoint(r, 3)) for r in runs]
     assert not torch.equal(finals[0]["embed_tokens.weight"], finals[1]["embed_tokens.weight"])  # the points differ
+
+
+def test_minitron_script_prunes_stores_logits_distills_and_skips_done_stages(slurm_cluster: dict, lm_data_dir: str,
+                                                                            tmp_path: Path) -> None:
+    """``sbatch slurm/minitron.sh`` on 2 nodes: prune (one task), the teacher's top-k logits (2 ranks),
+    distillation from them (2 ranks); submitted again, the finished stages are skipped."""
+    teacher_run = tmp_path / "teacher"
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", LM_CONFIG, f"data.dir={lm_data_dir}",
+                           f"run.dir={teacher_run}", "train.steps=6", "checkpoint.every_steps=6", "eval.final=false",
+                           "log.progress=false"], env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher, pruned, logits = checkpoint(teacher_run, 6), tmp_path / "pruned", tmp_path / "logits"
+    args = [str(teacher), str(pruned), f"--layers 2 --data {lm_data_dir} --calib-samples 16", LM_CONFIG,
+            f"data.dir={lm_data_dir}", f"run.dir={tmp_path / 'student'}", "train.steps=4", "checkpoint.every_steps=4",
+            "eval.final=false", "log.progress=false", "parallel.timeout_s=60", "model.depth=0", "model.width=0",
+            "model.num_heads=0", "model.num_kv_heads=0", "model.mlp_dim=0"]
+    for attempt in range(2):
+        log = tmp_path / f"minitron{attempt}.out"
+        job = sbatch(["-N2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={log}"],
+                     "slurm/minitron.sh", args, BIGTRAIN_LOGITS=str(logits), BIGTRAIN_TOP_K="4")
+        info = finish(job, log)
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+        skipped = ["stage 1 (prune): ", "stage 2 (teacher logits): "]
+        assert all((s in text and "complete, skipped" in text.split(s)[1].split("\n")[0]) == (attempt == 1)
+                   for s in skipped), text[-3000:]
+    assert json.loads((pruned / "prune_report.json").read_text())["after"]["layers"] == 2
+    assert json.loads((logits / "logits.json").read_text())["top_k"] == 4
+    records = train_records(tmp_path / "student")
+    assert sorted(records) == [1, 2, 3, 4] and all("kd" in r for r in records.values())

@@ -16,6 +16,7 @@ from bigtrain.families import EvalContext, Family
 from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
 from bigtrain.families.llama.parallelize import parallelize_lm
 from bigtrain.families.llama.pretrained import hf_config, pretrained, read_hf_config
+from bigtrain.families.llama.minitron_bench import main as minitron_main
 from bigtrain.families.llama.prune_cli import main as prune_main
 from bigtrain.models.causal_lm import CausalLM
 from bigtrain.tasks import CausalLMTask
@@ -114,7 +115,7 @@ def write_stdlib_text(cfg: Config, root: str) -> None:
         raise ConfigError(f"data.tokenizer={spec} has {tok.vocab_size} tokens, more than model.vocab_size="
                           f"{cfg.model.vocab_size}")
     write_text_shards(root, seq_len=cfg.model.seq_len, samples_per_shard=cfg.data.samples_per_shard, files=files,
-                      tokenizer=tok)
+                      tokenizer=tok, val_by=cfg.data.text_val_split)
 
 
 def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
@@ -163,4 +164,5 @@ FAMILY = Family(
     example_batch=token_batch,
     pretrained=pretrained,
     commands={"prune": prune_main},
+    benchmarks={"minitron": minitron_main},
 )

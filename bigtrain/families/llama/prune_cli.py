@@ -134,6 +134,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"{flag} {value}: must be between 1 and the source's {limit}")
     if shape[2] % c.num_key_value_heads:
         raise ConfigError(f"--heads {shape[2]}: must be a multiple of the {c.num_key_value_heads} key/value heads")
+    if (c.architectures or [""])[0] == "LlamaForCausalLM" and shape[0] % shape[2]:
+        # transformers' LlamaConfig refuses it even with an explicit head_dim: the output would not load
+        raise ConfigError(f"--hidden {shape[0]}: a Llama config needs the width divisible by the {shape[2]} query heads "
+                          f"(transformers checks it even with an explicit head_dim); e.g. --hidden "
+                          f"{shape[0] // shape[2] * shape[2]} or {-(-shape[0] // shape[2]) * shape[2]}")
     batches = calibration(args.src, args.data, args.calib_samples, args.seq_len, c.vocab_size)
     if args.scores:
         raw = json.loads(open(args.scores).read())
