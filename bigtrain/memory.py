@@ -107,13 +107,21 @@ def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
     family = get_family(cfg.model.family)
     if family.example_batch is None:
         raise ConfigError(f"model.family={family.name} declares no example_batch: its activations cannot be profiled")
+    live_teacher = uses_teacher(cfg) and not cfg.distill.logits
     with torch.device("meta"):
         model = build_model(cfg)
-        teacher = build_model(cfg, "teacher").eval().requires_grad_(False) if uses_teacher(cfg) else None
+        teacher = build_model(cfg, "teacher").eval().requires_grad_(False) if live_teacher else None
     model.train()
     task = make_task(cfg, model, teacher)
     batch = {k: v.to("meta") if torch.is_tensor(v) else v
              for k, v in family.example_batch(cfg.model, micro_batch, torch.Generator().manual_seed(0)).items()}
+    if cfg.distill.logits:  # the stored targets' fields, as the loader adds them
+        from data_pipeline.logits import read_meta
+
+        stored = read_meta(cfg.distill.logits)
+        shape = (micro_batch, stored.items, stored.top_k)
+        batch.update(t_val=torch.zeros(shape, device="meta"), t_idx=torch.zeros(shape, dtype=torch.long, device="meta"),
+                     t_lse=torch.zeros(shape[:2], device="meta"))
     skip = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     skip |= {_storage_key(v) for v in batch.values() if torch.is_tensor(v)}
     blocks = dict(model.blocks.items()) if hasattr(model, "blocks") else {}
@@ -232,7 +240,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     rows["activations"] = act
     if cfg.ema.decay > 0:
         rows["EMA shadow (fp32)"] = params
-    if getattr(cfg.teacher, "family", ""):
+    if getattr(cfg.teacher, "family", "") and not cfg.distill.logits:  # stored logits: no teacher is built
         from bigtrain.recipes import build_model
 
         with torch.device("meta"):

@@ -108,7 +108,6 @@ def build_teacher(cfg: Config, ps: ParallelState, param_dtype: torch.dtype | Non
                           "the teacher section (e.g. teacher.pretrained=DIR)")
     layout = dataclasses.replace(cfg.parallel, zero=3 if cfg.distill.shard_teacher else 0,
                                  activation_checkpointing="none")
-    # frozen before parallelize: FSDP then keeps no gradient state for it
     model = build_parallel(dataclasses.replace(cfg, parallel=layout), family, ps, param_dtype, section="teacher")
     return Teacher(model, source.path)
 

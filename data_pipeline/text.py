@@ -129,7 +129,7 @@ def write_text_shards(
     files: list[str] | None = None, tokenizer: TextTokenizer = BYTES, val_by: str = "sequence",
 ) -> dict[str, list[ShardInfo]]:
     """Write ``train`` and ``val`` token shards; ``val_by``: every 1/val_fraction-th sequence goes to
-    val, or (``"file"``) whole files whose path hashes into the val fraction, so held-out text has no
+    val, or (``"file"``) whole files whose name hashes into the val fraction, so held-out text has no
     near-duplicate in training. A BPE tokenizer is saved as ``root/tokenizer.json``."""
     files = files if files is not None else stdlib_files(max_bytes)
     if not files:

@@ -47,7 +47,7 @@ def test_keeping_everything_reproduces_the_model() -> None:
 
 
 def test_importance_finds_dead_neurons_heads_and_identity_layers() -> None:
-    from bigtrain.families.llama.prune import estimate_importance, keep_heads, make_plan
+    from bigtrain.families.llama.prune import estimate_importance, keep_heads, layer_loss_importance, make_plan
 
     model = _model("llama")
     with torch.no_grad():
@@ -63,6 +63,8 @@ def test_importance_finds_dead_neurons_heads_and_identity_layers() -> None:
     assert imp.neurons[0, 5] == 0 and imp.neurons[0].min() == 0 and (imp.neurons[0] > 0).sum() == 95
     assert imp.heads[0, 0] == 0 and imp.heads[0, 1] == 0  # both heads of KV group 0 read zero values
     assert imp.layers[2] < 1e-6 < imp.layers[[0, 1, 3]].min()
+    by_loss = layer_loss_importance(model, _batches())  # skipping the identity block changes no logit
+    assert by_loss[2] == 0 and (by_loss[[0, 1, 3]] != 0).all() and list(model.layers) == ["0", "1", "2", "3"]
     plan = make_plan(imp, model.config, hidden=48, ffn=64, heads=2, layers=3)
     assert plan.layers == [0, 1, 3] and 5 not in plan.neurons[0]
     # GQA: one head from each KV group, even where group 0's are both dead
@@ -133,8 +135,9 @@ def test_prune_command_end_to_end(tmp_path: Path) -> None:
                   "--scores", str(tmp_path / "a" / "importance.json"))
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a) and again["after"] == report["after"]  # the scores are reused
-    budget = prune(tmp_path / "c", "--params", "1.3e5", "--scores", str(tmp_path / "a" / "importance.json"))
+    budget = prune(tmp_path / "c", "--params", "1.3e5", "--layer-importance", "loss")  # layers ranked by loss
     assert budget["after"]["params"] <= 1.3e5 * 1.01 and len(budget["candidates"]) >= 2
+    assert budget["layer_importance"] == "loss"
     assert budget["after"]["calib_loss"] == min(c["calib_loss"] for c in budget["candidates"])
     # the pruned directory is a starting point like any other (its own tokenizer, explicit head_dim)
     proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(ROOT / "configs" / "llm" / "from_hf.yaml"),
@@ -150,3 +153,8 @@ def test_prune_command_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bigtrain", "prune", str(src), "--out", str(tmp_path / "e"),
                            "--heads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--heads 1: must be a multiple of the 2 key/value heads" in proc.stderr
+    llama = tmp_path / "llama"
+    _model("llama").to_hf().save_pretrained(llama)
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "prune", str(llama), "--out", str(tmp_path / "f"),
+                           "--hidden", "50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "e.g. --hidden 48 or 52" in proc.stderr, proc.stderr[-2000:]

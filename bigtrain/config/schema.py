@@ -81,7 +81,7 @@ class DataConfig:
     text_max_bytes: int = doc(2_000_000, "stdlib_text: bytes of source text to tokenize.", gt=0)
     text_val_split: Literal["sequence", "file"] = doc(
         "sequence", "stdlib_text: which sequences are held out (5%): every 20th sequence, or whole files (chosen by a "
-        "hash of their path), so no validation text has a near-copy in training.")
+        "hash of their file name), so no validation text has a near-copy in training.")
     tokenizer: str = doc(
         "bytes", "stdlib_text: 'bytes' (256 byte values + end-of-text), 'bpe' (a byte-level BPE of model.vocab_size "
         "tokens trained on the corpus with the tokenizers package, saved as data.dir/tokenizer.json), 'model' "

@@ -305,5 +305,5 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
             setattr(section, name, value)
 
 
-__all__ = ["EvalContext", "Family", "Pretrained", "all_families", "checkpoint_source", "saved_model_section", "apply_preset", "family_names", "find_command", "get_family",
-           "register_family"]
+__all__ = ["EvalContext", "Family", "Pretrained", "all_families", "apply_preset", "checkpoint_source", "family_names",
+           "find_command", "get_family", "register_family", "saved_model_section"]

@@ -158,8 +158,36 @@ class Bench:
                 self.say(f"{kind} {arm} ({ARMS[arm]}): lr {best:g}, bpb {entry['mean']:.4f} +- {entry['std']:.4f}")
             self.results[kind] = res
             (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
+        self.results["stored"] = self.stored_logits(teacher, steps)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
         (self.out / "table.md").write_text(table(self.results))
         return self.results
+
+    def stored_logits(self, teacher: Path, steps: int, top_k: int = 16) -> dict[str, Any]:
+        """Arm A of the width pruning (its best LR, seed 0) again, from the teacher's top-k logits
+        stored once: the training time with and without the teacher forward, and the store's fidelity."""
+        pruned = self.out / "pruned_width"
+        lr = self.results["width"]["arms"]["A"]["lr"]
+        store = self.out / f"logits_top{top_k}"
+        common = [f"model.pretrained={pruned}", "task=distill", f"optim.lr={lr}", "train.seed=0",
+                  f"train.steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}"]
+        if not (store / "logits.json").is_file():
+            t0 = time.monotonic()
+            self.bigtrain("distill-logits", str(STUDENT_CONFIG), f"data.dir={self.data}", *common,
+                          "teacher.family=llama", f"teacher.pretrained={teacher}", "--out", str(store),
+                          "--top-k", str(top_k))
+            self.say(f"stored top-{top_k} logits: {time.monotonic() - t0:.0f} s")
+        meta = json.loads((store / "logits.json").read_text())
+        stored = self.train(f"width_A_stored_top{top_k}_lr{lr:g}_seed0", STUDENT_CONFIG, *common,
+                            f"distill.logits={store}")
+        live = self.train(f"width_A_lr{lr:g}_seed0", STUDENT_CONFIG, *common, "teacher.family=llama",
+                          f"teacher.pretrained={teacher}")
+        ce = self.train(f"width_C_lr{self.results['width']['arms']['C']['lr']:g}_seed0", STUDENT_CONFIG,
+                        f"model.pretrained={pruned}", f"optim.lr={self.results['width']['arms']['C']['lr']}",
+                        "train.seed=0", f"train.steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}")
+        return {"top_k": top_k, "store_bytes": sum(e["bytes"] for e in meta["shards"]), "store_stats": meta["stats"],
+                "seconds_live": live["seconds"], "seconds_stored": stored["seconds"], "seconds_ce": ce["seconds"],
+                "bpb_live": live["bpb"], "bpb_stored": stored["bpb"]}
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -223,6 +251,14 @@ def table(r: dict[str, Any]) -> str:
             eq_text = f"{eq['mean']:.3f} ± {eq['std']:.3f}" if eq else f"{e['mean']:.3f} ± {e['std']:.3f} (its own)"
             lines.append(f"| {kind} | {k['teacher_params']:,} -> {k['params']:,} | {k['bpb_after_pruning']:.3f} | "
                          f"{arm}: {ARMS[arm]} | {e['lr']:g} | {e['mean']:.3f} ± {e['std']:.3f} | {eq_text} |")
+    st = r.get("stored")
+    if st:
+        lines += ["", f"Stored top-{st['top_k']} logits (width, arm A, seed 0): training {st['seconds_live']:.1f} s with "
+                  f"the live teacher, {st['seconds_stored']:.1f} s from the store ({st['seconds_live'] / st['seconds_stored']:.2f}x; "
+                  f"cross-entropy alone {st['seconds_ce']:.1f} s); validation {st['bpb_live']:.3f} vs "
+                  f"{st['bpb_stored']:.3f} bits/byte; store {st['store_bytes'] / 2**20:.1f} MiB, KL(dense || stored) per "
+                  f"token mean {st['store_stats']['kl_mean']:.4f} (max {st['store_stats']['kl_max']:.3f}), top-k mass "
+                  f"{st['store_stats']['topk_mass_mean']:.3f}."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,12 +32,13 @@ class Importance:
     heads: torch.Tensor  # [layers, query heads]
     neurons: torch.Tensor  # [layers, mlp_dim]
     channels: torch.Tensor  # [width]
-    layers: torch.Tensor  # [layers], 1 - cos(in, out)
+    layers: torch.Tensor  # [layers], 1 - cos(in, out), or the loss increase without the layer
     samples: int = 0
+    layer_metric: str = "cosine"
 
-    def to_dict(self) -> dict[str, list]:
+    def to_dict(self) -> dict[str, Any]:
         return {"heads": self.heads.tolist(), "neurons": self.neurons.tolist(), "channels": self.channels.tolist(),
-                "layers": self.layers.tolist(), "samples": self.samples}
+                "layers": self.layers.tolist(), "samples": self.samples, "layer_metric": self.layer_metric}
 
 
 @dataclass
@@ -110,6 +111,34 @@ def keep_heads(scores: torch.Tensor, num_heads: int, num_kv_heads: int) -> list[
     group = scores.numel() // num_kv_heads
     per = num_heads // num_kv_heads
     return [g * group + j for g in range(num_kv_heads) for j in top(scores[g * group:(g + 1) * group], per)]
+
+
+@torch.no_grad()
+def lm_loss(model: CausalLM, batches: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (nats) over the calibration batches."""
+    total = count = 0.0
+    for tokens in batches:
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(loss), count + tokens[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def layer_loss_importance(model: CausalLM, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Minitron's other depth metric: how much the calibration loss rises when one layer alone is
+    skipped (the residual stream passes it unchanged). One pass per layer, no copies: the layer
+    container is swapped for one without that layer and restored."""
+    layers = model.layers
+    base = lm_loss(model, batches)
+    scores = []
+    try:
+        for name in layers:
+            model.layers = nn.ModuleDict({k: v for k, v in layers.items() if k != name})
+            scores.append(lm_loss(model, batches) - base)
+    finally:
+        model.layers = layers
+    return torch.tensor(scores)
 
 
 @dataclass

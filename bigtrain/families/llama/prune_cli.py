@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from bigtrain.config import ConfigError
-from bigtrain.families.llama.prune import Importance, apply_plan, estimate_importance, make_plan
+from bigtrain.families.llama.prune import (
+    Importance,
+    apply_plan,
+    estimate_importance,
+    layer_loss_importance,
+    lm_loss,
+    make_plan,
+)
 from bigtrain.models.causal_lm import CausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -79,15 +86,6 @@ def calibration(src: str, data: str | None, samples: int, seq_len: int, vocab: i
 
 
 @torch.no_grad()
-def lm_loss(model: CausalLM, batches: list[torch.Tensor]) -> float:
-    total = count = 0.0
-    for tokens in batches:
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
-        total, count = total + float(loss), count + tokens[:, 1:].numel()
-    return total / count
-
-
 def shape_params(c: Any, hidden: int, ffn: int, heads: int, layers: int) -> int:
     """Parameters of a Llama-shaped model with these sizes (biases, if any, are negligible)."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -121,6 +119,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length when writing the corpus")
     p.add_argument("--scores", help="importance.json of an earlier run on the same SRC: no calibration forward")
+    p.add_argument("--layer-importance", choices=("cosine", "loss"), default="cosine",
+                   help="rank layers by 1 - cos(input, output) (one pass) or by the calibration loss increase when "
+                        "the layer alone is dropped (one pass per layer)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     model = load_source(args.src)
@@ -142,9 +143,13 @@ def main(argv: list[str]) -> int:
     batches = calibration(args.src, args.data, args.calib_samples, args.seq_len, c.vocab_size)
     if args.scores:
         raw = json.loads(open(args.scores).read())
-        imp = Importance(*(torch.tensor(raw[k]) for k in ("heads", "neurons", "channels", "layers")), raw["samples"])
+        imp = Importance(*(torch.tensor(raw[k]) for k in ("heads", "neurons", "channels", "layers")), raw["samples"],
+                         raw.get("layer_metric", "cosine"))
     else:
         imp = estimate_importance(model, batches)
+        if args.layer_importance == "loss":
+            imp.layers = layer_loss_importance(model, batches)
+        imp.layer_metric = args.layer_importance
     tried = []
     if args.params:
         options = candidates(c, int(args.params))
@@ -170,7 +175,7 @@ def main(argv: list[str]) -> int:
         "after": {"hidden": shape[0], "ffn": shape[1], "heads": shape[2], "kv_heads": c.num_key_value_heads,
                   "layers": shape[3], "head_dim": small.config.head_dim,
                   "params": sum(t.numel() for t in small.parameters()), "calib_loss": lm_loss(small, batches)},
-        "kept_layers": make_plan(imp, c, *shape).layers, "candidates": tried,
+        "kept_layers": make_plan(imp, c, *shape).layers, "layer_importance": imp.layer_metric, "candidates": tried,
         "seconds": round(time.monotonic() - t0, 1),
     }
     with open(os.path.join(args.out, "prune_report.json"), "w") as f:
