@@ -217,7 +217,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         group=ps.side_group(), config_text=dump_yaml(cfg), write_threads=cfg.checkpoint.write_threads,
         keep_aside=cfg.checkpoint.keep_aside, allow_changes=cfg.resume_allow_changes,
     )
-    components: list[Any] = [EMA(model, cfg.ema.decay, cfg.ema.eval)] if cfg.ema.decay > 0 else []
+    components: list[Any] = [EMA(model, cfg.ema.decay, cfg.ema.eval, cfg.ema.warmup_power)] if cfg.ema.decay > 0 else []
     if teacher is not None:
         components.append(teacher)
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline,

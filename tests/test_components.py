@@ -64,6 +64,28 @@ def test_ema_update_rule_and_evaluation_swap() -> None:
         EMA(model, decay=1.0)
 
 
+def test_ema_decay_warm_up() -> None:
+    """With warm-up the first update copies the weights, then the decay climbs as 1 - (1 + n)^-power
+    up to its cap; the update count (saved with the state) drives it."""
+    from bigtrain.components import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5, warmup_power=0.75)
+    decays = []
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        before = {n: s.clone() for n, s in ema.shadow.items()}
+        decays.append(ema.current_decay())
+        ema.after_optimizer_step(step)
+        for n, p in model.named_parameters():
+            assert torch.allclose(ema.shadow[n], decays[-1] * before[n] + (1 - decays[-1]) * p)
+    assert decays == pytest.approx([0.0, 1 - 2 ** -0.75, 0.5, 0.5])  # 1 - 3^-0.75 = 0.56 is capped at 0.5
+    assert EMA(model, decay=0.9).current_decay() == 0.9
+
+
 def test_ema_resumes_exactly_and_starts_from_weights_of_an_older_checkpoint(digits_dir: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _cli(1, f"data.dir={digits_dir}", f"run.dir={run}", *EMA_RUN)

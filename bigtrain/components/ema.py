@@ -1,6 +1,7 @@
 """Exponential moving average of the weights, as a training component.
 
-``shadow = decay * shadow + (1 - decay) * param`` after every accepted optimizer step. The
+``shadow = decay * shadow + (1 - decay) * param`` after every accepted optimizer step (``decay``
+optionally warmed up from 0, see :meth:`EMA.current_decay`; the update count is saved). The
 shadow copies have each parameter's type and placement (a DTensor shard under FSDP or TP, the
 local stage's parameters under PP), so the update is elementwise on whatever this rank holds,
 and the checkpoint (key ``ema``, entries named by parameter) reshards like the model. With
@@ -23,18 +24,29 @@ from bigtrain.optim.builder import clean_name
 class EMA:
     name = "ema"
 
-    def __init__(self, model: nn.Module, decay: float, use_for_eval: bool = True) -> None:
+    def __init__(self, model: nn.Module, decay: float, use_for_eval: bool = True, warmup_power: float = 0.0) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay, self.use_for_eval = decay, use_for_eval
+        if warmup_power < 0:
+            raise ValueError(f"EMA warm-up power must be >= 0, got {warmup_power}")
+        self.decay, self.use_for_eval, self.warmup_power = decay, use_for_eval, warmup_power
         self.params = {clean_name(n): p for n, p in model.named_parameters() if p.requires_grad}
         self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
         self.updates = 0
 
+    def current_decay(self) -> float:
+        """The decay of the next update: fixed, or with warm-up (diffusers' EMAModel, inv_gamma 1)
+        min(decay, 1 - (1 + n)^-power) after n updates. It starts at 0 (the first update copies the
+        weights), so a short run's average is not dominated by the initialisation."""
+        if not self.warmup_power:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + self.updates) ** -self.warmup_power)
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
+        weight = 1.0 - self.current_decay()
         for name, p in self.params.items():
-            self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+            self.shadow[name].lerp_(p.detach(), weight)
         self.updates += 1
 
     @torch.no_grad()

@@ -247,6 +247,10 @@ class EMAConfig:
         "'ema'); 0 = off.", ge=0, le=0.999999,
     )
     eval: bool = doc(True, "Evaluate with the EMA weights (swapped in for the evaluation) instead of the raw ones.")
+    warmup_power: float = doc(
+        0.0, "Warm the decay up (diffusers' EMAModel): after n updates it is min(ema.decay, 1 - (1 + n)^-power), so "
+        "the first update copies the weights; 2/3 reaches 0.999 after ~31.6k updates, 3/4 after 10k. 0 = the fixed "
+        "decay from the first step (with 0.9999 an EMA is dominated by the initialisation for ~10k steps).", ge=0)
 
 
 @dataclass
