@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {args.out} exists and is not empty: the store is never written over")
     ps = ParallelState.create(cfg.parallel)
+    ended = False  # on an error, leave without waiting for ranks that may never arrive
     try:
         if ps.pp > 1:
             raise ConfigError("distill-logits runs the teacher data- and tensor-parallel: parallel.pp must be 1")
@@ -90,8 +91,9 @@ def main(argv: list[str]) -> int:
                   f"top-k mass mean {meta.stats['topk_mass_mean']:.4f}; teacher {meta.stats['teacher_samples_per_s']:.1f} "
                   "samples/s")
         ps.barrier()
+        ended = True
     finally:
-        ps.destroy(together=True)
+        ps.destroy(together=ended)
     return 0
 
 
