@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,23 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def parity(config: Path, overrides: list[str], layouts: list[list[str]], workdir: Path, nproc: int = 2,
+           timeout: int = 600) -> tuple[dict, Path, str]:
+    """``bigtrain.tools.parity``: train ``config`` + ``overrides`` in one process (the reference), then
+    under each layout on ``nproc`` ranks. Returns the per-layout comparison, the reference file and
+    the ranks' stderr (what rank 0 logged, layout by layout)."""
+    args = [x for o in overrides for x in ("--override", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, out = workdir / "ref.pt", workdir / "results.json"
+    base = ["-m", "bigtrain.tools.parity", "--config", str(config), *args]
+    proc = subprocess.run([sys.executable, *base, "--workdir", str(workdir / "one"), "--reference", str(ref)],
+                          env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *base, "--workdir", str(workdir / "two"), "--against", str(ref), "--out", str(out),
+                           "--layouts", json.dumps(layouts)], env=env, cwd=ROOT, timeout=timeout, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(out.read_text()), ref, proc.stderr

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import parity
+
 ROOT = Path(__file__).resolve().parents[1]
 LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
 QUIET = ["log.progress=false", "eval.final=false", "eval.every_steps=0"]
@@ -178,21 +180,8 @@ def test_sharded_distillation_matches_one_process_and_resumes_elastically(teache
     common = _distill_args(teacher, lm_data_dir, tmp_path / "x", "train.steps=8", "checkpoint.every_steps=4",
                            "train.global_batch_size=8")[2:]
     overrides = [o for o in common if not o.startswith("run.dir=")]
-    args = [x for o in overrides for x in ("--override", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref.pt"
-    proc = subprocess.run([sys.executable, "-m", "bigtrain.tools.parity", "--config", str(LM_CONFIG), *args,
-                           "--workdir", str(tmp_path / "one"), "--reference", str(ref)],
-                          env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    layouts = [["parallel.zero=3"], ["parallel.tp=2"]]
-    out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "bigtrain.tools.parity", "--config", str(LM_CONFIG), *args, "--workdir", str(tmp_path / "two"),
-                           "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts)],
-                          env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, r in json.loads(out.read_text()).items():
+    results, _, _ = parity(LM_CONFIG, overrides, [["parallel.zero=3"], ["parallel.tp=2"]], tmp_path)
+    for name, r in results.items():
         assert r["initial_param_max_abs_diff"] == 0.0, name
         assert r["max_loss_rel_diff"] <= 1e-5 and r["param_update_rel_diff"] <= 2e-5, (name, r)
 

@@ -3,16 +3,12 @@ of its formulas, and its sharded runs against one process."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG, parity
 from bigtrain.optim.factored import Factored, factored_dims
 
 SHAPES = [(64, 48), (40, 16), (3, 48, 40), (32, 32), (50,), (33, 64)]
@@ -95,20 +91,10 @@ PARAM_RTOL = 1e-5
 def _parity(tmp_path: Path, digits_dir: str, nproc: int, layouts: list[list[str]], extra: list[str],
             optim: list[str] = FACTORED) -> dict:
     """20 steps in one process, then under each layout; the parity tool's comparison per layout."""
-    common = ["--override", f"data.dir={digits_dir}"]
-    for o in ["model.dropout=0", "train.steps=20", "schedule.cooldown_steps=2", "checkpoint.every_steps=0",
-              "train.micro_batch_size=0", "parallel.timeout_s=120", *optim, "eval.every_steps=0", *extra]:
-        common += ["--override", o]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref.pt"
-    base = [sys.executable, "-m", "bigtrain.tools.parity", "--config", str(TEST_CONFIG), *common, "--workdir", str(tmp_path)]
-    subprocess.run([*base, "--reference", str(ref)], check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
-    out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-                           *base[1:], "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts)],
-                          env=env, cwd=ROOT, timeout=900, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(out.read_text())
+    overrides = [f"data.dir={digits_dir}", "model.dropout=0", "train.steps=20", "schedule.cooldown_steps=2",
+                 "checkpoint.every_steps=0", "train.micro_batch_size=0", "parallel.timeout_s=120", *optim,
+                 "eval.every_steps=0", *extra]
+    return parity(TEST_CONFIG, overrides, layouts, tmp_path, nproc, timeout=900)[0]
 
 
 def _check(results: dict, n: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, parity
 from test_resume import model_params
 
 LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
@@ -103,25 +103,14 @@ def test_sharded_loading_matches_one_process_under_fsdp_tp_pp(hf_dirs: dict[str,
     half of the elements."""
     overrides = [f"model.pretrained={hf_dirs['qwen2']}", f"data.dir={lm_data_dir}", *FROM_DIR, "train.steps=3",
                  "checkpoint.every_steps=0", "parallel.timeout_s=120"]
-    args = [x for o in overrides for x in ("--override", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref.pt"
-    subprocess.run([sys.executable, "-m", "bigtrain.tools.parity", "--config", str(LM_CONFIG), *args, "--workdir",
-                    str(tmp_path / "one"), "--reference", str(ref)], check=True, env=env, cwd=ROOT, timeout=300,
-                   capture_output=True)
     layouts = [["parallel.zero=3"], ["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2"]]
-    out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "bigtrain.tools.parity", "--config", str(LM_CONFIG), *args, "--workdir", str(tmp_path / "two"),
-                           "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts)],
-                          env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, r in json.loads(out.read_text()).items():
+    results, ref, stderr = parity(LM_CONFIG, overrides, layouts, tmp_path)
+    for name, r in results.items():
         assert r["initial_param_max_abs_diff"] == 0.0, name
         assert r["max_loss_rel_diff"] <= 1e-5 and r["param_update_rel_diff"] <= 2e-5, (name, r)
     total = sum(p.numel() for p in torch.load(ref, weights_only=False)["initial"].values())
     # rank 0 logs what it read, layout by layout: under ZeRO-3 its half of every tensor's rows
-    read = [int(n) for n in re.findall(r"loaded .*?: \d+ tensors, (\d+) elements on this rank", proc.stderr)]
+    read = [int(n) for n in re.findall(r"loaded .*?: \d+ tensors, (\d+) elements on this rank", stderr)]
     assert len(read) == len(layouts) and 0.45 * total <= read[0] <= 0.55 * total, (read, total)
 
 

@@ -217,8 +217,7 @@ def _flops(teacher: Path, pruned: Path, seq: int) -> dict[str, float]:
 
 def val_loss(model_dir: Path, data: Path) -> float:
     """Mean next-token loss (nats) of an HF directory on the validation split, in one process."""
-    import torch
-
+    from bigtrain.families.llama.prune import lm_loss
     from bigtrain.families.llama.prune_cli import load_source
     from data_pipeline import GlobalOrder, load_split
     from data_pipeline.loader import TokenBatchDataset
@@ -228,14 +227,8 @@ def val_loss(model_dir: Path, data: Path) -> float:
     seq = int(json.loads((data / "index.json").read_text())["splits"]["val"].get("seq_len", 128))
     ds = TokenBatchDataset(split, GlobalOrder([s.num_samples for s in split.shards], 0, shuffle=False), seq,
                            model.config.vocab_size, 0, "raise")
-    total = count = 0.0
-    with torch.no_grad():
-        for lo in range(0, split.num_samples, 64):
-            tokens = ds[list(range(lo, min(lo + 64, split.num_samples)))]["tokens"]
-            logits = model(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].reshape(-1), reduction="sum")
-            total, count = total + float(loss), count + tokens[:, 1:].numel()
-    return total / count
+    n = split.num_samples
+    return lm_loss(model, (ds[list(range(lo, min(lo + 64, n)))]["tokens"] for lo in range(0, n, 64)))
 
 
 def table(r: dict[str, Any]) -> str:

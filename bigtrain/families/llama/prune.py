@@ -114,8 +114,8 @@ def keep_heads(scores: torch.Tensor, num_heads: int, num_kv_heads: int) -> list[
 
 
 @torch.no_grad()
-def lm_loss(model: CausalLM, batches: list[torch.Tensor]) -> float:
-    """Mean next-token cross-entropy (nats) over the calibration batches."""
+def lm_loss(model: CausalLM, batches: Iterable[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (nats) per token over the batches (calibration or held-out)."""
     total = count = 0.0
     for tokens in batches:
         logits = model(tokens[:, :-1])
