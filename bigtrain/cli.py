@@ -46,6 +46,8 @@ commands:
   config show CONFIG [key=value]  print the resolved config
   export CKPT --format safetensors|hf --out PATH
                                   consolidate a sharded checkpoint into one model file (any world size)
+  sample CKPT --out grid.png [--n 64 --steps 50 --cfg 1.5 --seed 0 --classifier CKPT]
+                                  samples of a diffusion checkpoint (EMA weights by default) as a grid
   distill-logits CONFIG [key=value ...] --out DIR [--top-k K]
                                   run a distillation config's teacher once, store its top-k logits for
                                   the student (distill.logits=DIR)
@@ -268,6 +270,10 @@ def _main(argv: list[str] | None = None) -> int:
             from bigtrain.export import main as export_main
 
             return export_main(rest)
+        if cmd == "sample":
+            from bigtrain.sample import main as sample_main
+
+            return sample_main(rest)
         if cmd == "distill-logits":
             from bigtrain.distill_logits import main as logits_main
 

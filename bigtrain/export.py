@@ -10,6 +10,8 @@ and checksum is verified first; the metadata is read by the restricted unpickler
 from the checkpoint's YAML.
 
 * ``safetensors``: one ``.safetensors`` file with bigtrain's parameter names.
+* ``--weights``: the EMA average by default when the run kept one (what diffusion models are
+  sampled and evaluated with), ``model`` for the trained weights.
 * ``hf`` (families with a Hugging Face exporter, e.g. ``llama``): a ``save_pretrained``
   directory (``config.json`` + ``model.safetensors``) that ``transformers`` loads.
 """
@@ -38,14 +40,30 @@ from bigtrain.checkpoint.manager import verify_checkpoint
 MODEL_PREFIX = "model."
 
 
-def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
-    """Every model tensor of a complete checkpoint, unsharded, keyed by parameter name."""
+EMA_PREFIX = "ema.params."
+
+
+def load_model_state(ckpt: str, weights: str = "model") -> dict[str, torch.Tensor]:
+    """Every model tensor of a complete checkpoint, unsharded, keyed by parameter name. ``weights``:
+    "model" = the trained weights; "ema" = the EMA's average where the checkpoint has one for a
+    tensor (every trainable parameter), the trained value otherwise (frozen parameters, buffers);
+    "auto" = "ema" when the checkpoint holds an EMA."""
+    if weights not in ("model", "ema", "auto"):
+        raise ValueError(f"weights must be model, ema or auto, got {weights!r}")
     verify_checkpoint(ckpt)
     reader = SafeFileSystemReader(ckpt)
+    saved = reader.read_metadata().state_dict_metadata
+    has_ema = any(k.startswith(EMA_PREFIX) for k in saved)
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{ckpt} holds no EMA weights (trained with ema.decay=0): use the model weights")
+    use_ema = has_ema and weights != "model"
     state: dict[str, torch.Tensor] = {}
-    for key, meta in reader.read_metadata().state_dict_metadata.items():
-        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
-            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    for key, meta in saved.items():
+        if not (key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)):
+            continue
+        name = key[len(MODEL_PREFIX):]
+        source = EMA_PREFIX + name if use_ema and isinstance(saved.get(EMA_PREFIX + name), TensorStorageMetadata) else key
+        state[source] = torch.empty(meta.size, dtype=saved[source].properties.dtype)
     if not state:
         raise CheckpointError(f"{ckpt} holds no model tensors")
     try:
@@ -53,19 +71,23 @@ def load_model_state(ckpt: str) -> dict[str, torch.Tensor]:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     except CheckpointException as exc:  # a BaseException: never let it escape as a traceback
         raise CorruptCheckpoint(f"{ckpt} does not load: {next(iter(exc.failures.values()))[0]}") from None
-    return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
+    return {k[len(EMA_PREFIX if k.startswith(EMA_PREFIX) else MODEL_PREFIX):]: v for k, v in state.items()}
 
 
-def export_safetensors(ckpt: str, out: str) -> str:
+def has_ema(ckpt: str) -> bool:
+    return any(k.startswith(EMA_PREFIX) for k in SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata)
+
+
+def export_safetensors(ckpt: str, out: str, weights: str = "auto") -> str:
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in load_model_state(ckpt).items()}
+    state = {k: v.contiguous() for k, v in load_model_state(ckpt, weights).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(state, out, metadata={"format": "pt", "source": os.path.abspath(ckpt)})
     return out
 
 
-def export_hf(ckpt: str, out: str) -> str:
+def export_hf(ckpt: str, out: str, weights: str = "auto") -> str:
     from bigtrain.config import load_saved_config
     from bigtrain.families import get_family
     from bigtrain.recipes import build_model
@@ -79,7 +101,7 @@ def export_hf(ckpt: str, out: str) -> str:
         raise CheckpointError(f"model.family={cfg.model.family} has no Hugging Face exporter (use --format safetensors)")
     with torch.device("meta"):
         model = build_model(cfg)
-    model.load_state_dict(load_model_state(ckpt), strict=True, assign=True)
+    model.load_state_dict(load_model_state(ckpt, weights), strict=True, assign=True)
     family.export_hf(model, out)
     return out
 
@@ -90,7 +112,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("checkpoint", help="a complete checkpoint directory (run_dir/checkpoints/step_XXXXXXXX)")
     ap.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
     ap.add_argument("--out", required=True, help="output .safetensors file (safetensors) or directory (hf)")
+    ap.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
+                    help="auto (default): the EMA weights when the checkpoint has an EMA (ema.decay > 0), else the "
+                         "trained ones; model: always the trained weights; ema: the EMA (an error without one)")
     args = ap.parse_args(argv)
-    path = export_safetensors(args.checkpoint, args.out) if args.format == "safetensors" else export_hf(args.checkpoint, args.out)
+    export = export_safetensors if args.format == "safetensors" else export_hf
+    path = export(args.checkpoint, args.out, args.weights)
     print(path)
     return 0

@@ -132,9 +132,10 @@ def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
     return float(get_family(cfg.model.family).flops_per_sample(model, cfg.model))
 
 
-def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any) -> Any:
+def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any,
+                   step: Callable[[], int] = lambda: 0) -> Any:
     ctx = EvalContext(dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"), device=ps.device, autocast=autocast,
-                      num_workers=cfg.data.num_workers)
+                      num_workers=cfg.data.num_workers, run_dir=cfg.run.dir, step=step)
     return get_family(cfg.model.family).evaluator(cfg, train_split, eval_split, ctx)
 
 
@@ -222,7 +223,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         components.append(teacher)
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline,
                       components=components)
-    trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast)
+    trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast, lambda: trainer.state.step)
     log.info(
         "model: %s/%s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
         family.name, cfg.model.variant, num_params(full) / 1e6, family.flops_per_sample(full, cfg.model) / 1e9,

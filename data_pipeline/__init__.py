@@ -4,7 +4,7 @@ This package never imports ``bigtrain``; the trainer depends on it, not the reve
 """
 
 from data_pipeline.index import DataError, SplitInfo, load_split
-from data_pipeline.loader import ImageBatchDataset, ImageSpec, TrainStream, sequential_batches
+from data_pipeline.loader import ImageBatchDataset, ImageSpec, NoisedImageDataset, TrainStream, sequential_batches
 from data_pipeline.order import GlobalOrder
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "GlobalOrder",
     "ImageBatchDataset",
     "ImageSpec",
+    "NoisedImageDataset",
     "SplitInfo",
     "TrainStream",
     "load_split",

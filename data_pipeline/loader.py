@@ -174,6 +174,26 @@ class ImageBatchDataset(ShardBatchDataset):
         return {"image": np.ascontiguousarray(arr.transpose(2, 0, 1)), "label": np.int64(label)}
 
 
+class NoisedImageDataset(ImageBatchDataset):
+    """Images for denoising objectives: also each sample's own randomness, drawn from
+    (seed, position) like the augmentation, so every layout, micro-batch size and resume draws the
+    same: ``noise`` (standard normal, the image's shape, or ``noise_shape`` for latents), ``u``
+    (uniform [0, 1): the timestep), ``z`` (standard normal: a logit-normal noise level) and
+    ``drop`` (uniform [0, 1): compared with the label-dropout rate)."""
+
+    def __init__(self, split: SplitInfo, order: GlobalOrder, spec: ImageSpec, seed: int, train: bool,
+                 noise_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(split, order, spec, seed, train)
+        self.noise_shape = noise_shape or (spec.channels, spec.image_size, spec.image_size)
+
+    def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
+        sample = super().decode(members, position)
+        rng = np.random.default_rng([self.seed, position, 13])
+        sample["noise"] = rng.standard_normal(self.noise_shape, dtype=np.float32)
+        sample["u"], sample["z"], sample["drop"] = (np.float64(v) for v in (rng.random(), rng.standard_normal(),
+                                                                            rng.random()))
+        return sample
+
 class TokenBatchDataset(ShardBatchDataset):
     """Packed token sequences (``.tok``: little-endian uint16, or ``.tok32``: uint32 for vocabularies
     over 65,536): ``tokens`` of length seq_len + 1."""

@@ -16,12 +16,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # dotted keys or whole sections (a trailing section name covers every key under it)
-RESUME_FIXED = ("task", "model", "teacher", "distill", "train.global_batch_size", "train.seed", "train.steps", "optim.name",
+RESUME_FIXED = ("task", "model", "teacher", "distill", "diffusion", "train.global_batch_size", "train.seed", "train.steps", "optim.name",
                 "schedule")
 # model keys that change no tensor and no data: free to differ (the variant only names the sizes,
 # which are compared themselves once the preset filled them in)
 RESUME_FREE = ("model.dropout", "model.head_zero_init", "model.head_bias_init", "model.variant", "teacher.variant",
-               "distill.shard_teacher")
+               "distill.shard_teacher", "diffusion.sampler", "diffusion.sample_steps", "diffusion.guidance",
+               "diffusion.samples", "diffusion.eval_classifier", "diffusion.eval_max_samples")
 
 
 def migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:

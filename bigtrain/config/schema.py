@@ -276,6 +276,46 @@ class DistillConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """The denoising objective, the sampler and the sample metric of diffusion families (dit, unet)."""
+
+    objective: Literal["ddpm", "flow"] = doc(
+        "ddpm", "ddpm: discrete timesteps t ~ U{0..T-1}, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps; flow: rectified "
+        "flow x_s = (1 - s) x0 + s eps (s = 0 data, 1 noise), velocity target eps - x0, timestep input 1000 s.")
+    prediction: Literal["epsilon", "v", "sample"] = doc(
+        "epsilon", "ddpm: what the network predicts (noise, velocity sqrt(abar) eps - sqrt(1 - abar) x0, or x0).")
+    schedule: Literal["linear", "cosine", "scaled_linear"] = doc(
+        "linear", "ddpm betas: DDPM linear 1e-4..0.02 (rescaled by 1000/T), cosine (Nichol & Dhariwal), or "
+        "scaled_linear (Stable Diffusion, sqrt-spaced 0.00085..0.012).")
+    timesteps: int = doc(1000, "ddpm: number of diffusion steps T.", gt=1)
+    min_snr_gamma: float = doc(0.0, "ddpm: Min-SNR-gamma loss weights (5 is customary); 0 = unweighted MSE.", ge=0)
+    flow_sigma: Literal["logit_normal", "uniform"] = doc(
+        "logit_normal", "flow: how the noise level is drawn (SD3's logit-normal: sigmoid(N(mean, std))).")
+    flow_mean: float = doc(0.0, "flow: mean of the logit-normal noise-level distribution.")
+    flow_std: float = doc(1.0, "flow: std of the logit-normal noise-level distribution.", gt=0)
+    label_dropout: float = doc(
+        0.1, "Probability that a training sample's label is replaced by the null class (= model.num_classes), which "
+        "teaches the unconditional prediction classifier-free guidance needs. Drawn per sample from "
+        "(train.seed, sample position), like the noise and the timestep.", ge=0, le=1)
+    sampler: Literal["auto", "ddim", "ddpm", "euler"] = doc(
+        "auto", "auto = ddim for ddpm models, euler for flow models. ddim: deterministic (eta 0); ddpm: ancestral "
+        "(posterior variance); euler: the flow ODE from s = 1 to 0.")
+    sample_steps: int = doc(50, "Sampler steps for the samples written during training.", gt=0)
+    guidance: float = doc(
+        1.5, "Classifier-free guidance scale of the training-time samples: uncond + scale (cond - uncond), on every "
+        "output channel (DiT's reference code guided only 3 of 4); 1 = the conditional prediction alone.", ge=0)
+    samples: int = doc(
+        0, "Samples generated at each evaluation (a grid, one row per class, written to RUN/samples/ and shown in the "
+        "report; with eval_classifier also scored); 0 = none.", ge=0)
+    eval_classifier: str = doc(
+        "", "A bigtrain checkpoint of an image classifier for the data (e.g. the digits ViT) that scores the samples: "
+        "its top-1 on the intended classes and the Frechet distance between sample and eval-split features in its "
+        "pre-logit space. '' = not scored.")
+    eval_max_samples: int = doc(
+        1024, "Eval-split images for the denoising loss (fixed noise per position) and the reference features.", gt=0)
+
+
+@dataclass
 class LogConfig:
     every_steps: int = doc(10, "Write a training record to metrics.jsonl every N steps.", gt=0)
     progress: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto = only when stderr is a terminal.")
@@ -331,6 +371,8 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA of the weights (a training component)."})
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={
         "help": "Distillation from the teacher section (tasks that use a teacher)."})
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={
+        "help": "Denoising objective, sampler and sample metric (diffusion families)."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "Parallel layout."})
     task: str = doc("", "Training objective, one of the model family's tasks; '' = the family's default.")
     resume: str = doc(

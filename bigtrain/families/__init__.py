@@ -100,6 +100,8 @@ class EvalContext:
     device: Any
     autocast: Callable[[], Any]
     num_workers: int = 0
+    run_dir: str = ""  # where an evaluator may write pictures (e.g. sample grids); '' = nowhere
+    step: Callable[[], int] = lambda: 0  # the training step being evaluated
 
 
 @dataclass(frozen=True)

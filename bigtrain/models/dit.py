@@ -165,8 +165,19 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     @property
-    def null_class(self) -> int:
-        return self.args.num_classes
+    def null_class(self) -> int | None:
+        """The label of "no class" (classifier-free guidance); None for an unconditional model
+        (``num_classes`` 0: its one label embedding is the null one)."""
+        return self.args.num_classes or None
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.args.learn_sigma
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the model denoises."""
+        return (self.args.in_channels, self.args.input_size, self.args.input_size)
 
     def reset_parameters(self) -> None:
         """DiT's initialisation: xavier-uniform Linears with zero bias, the patch conv like a Linear,
@@ -199,7 +210,10 @@ class DiT(nn.Module):
             + self.y_embedder(y)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy input; t: (B,) timesteps; y: (B,) labels. Returns (B, out_channels, H, W)."""
+        """x: (B, C, H, W) noisy input; t: (B,) timesteps; y: (B,) labels (ignored, all null, when
+        unconditional). Returns (B, out_channels, H, W)."""
+        if not self.args.num_classes:
+            y = torch.zeros_like(y)
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.condition(t, y)
         for block in self.blocks.values():

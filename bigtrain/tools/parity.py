@@ -35,6 +35,21 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def full_ema(trainer: object) -> dict[str, torch.Tensor]:
+    """The EMA component's shadow weights, unsharded (empty without an EMA)."""
+    from torch.distributed.tensor import DTensor
+
+    ema = next((c for c in getattr(trainer, "components", []) if c.name == "ema"), None)
+    if ema is None:
+        return {}
+    local = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in ema.shadow.items()}
+    if not dist.is_initialized():
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def train_once(config: str, overrides: list[str]) -> dict:
     """Train; return per-step losses and gradient norms, initial and final full parameters."""
     from bigtrain.run import prepare_run
@@ -59,6 +74,7 @@ def train_once(config: str, overrides: list[str]) -> dict:
     trainer.fit(metrics)
     metrics.close()
     run["params"] = full_params(trainer.model)
+    run["ema"] = full_ema(trainer)
     return run
 
 
@@ -90,7 +106,20 @@ def compare(ref: dict, run: dict) -> dict:
         "param_rel_diff": diff / max(norm, 1e-30),
         "worst_tensors": {k: per_key[k] for k in worst},
         "missing_keys": sorted(set(keys) - set(params))[:5], "extra_keys": sorted(set(params) - set(keys))[:5],
+        **_compare_ema(ref.get("ema") or {}, run.get("ema") or {}),
     }
+
+
+def _compare_ema(ref: dict, ema: dict) -> dict:
+    """How far the EMA weights are from the reference's EMA, relative to its distance from the
+    reference's raw weights' start (``ema_rel_diff``), and whether every tensor is there."""
+    if not ref:
+        return {}
+    keys = sorted(ref)
+    diff = sum(float((ema[k] - ref[k]).double().pow(2).sum()) for k in keys if k in ema) ** 0.5
+    norm = sum(float(ref[k].double().pow(2).sum()) for k in keys) ** 0.5
+    return {"ema_same_keys": keys == sorted(ema), "ema_rel_diff": diff / max(norm, 1e-30),
+            "ema_max_abs_diff": max((float((ema[k] - ref[k]).abs().max()) for k in keys if k in ema), default=float("inf"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     if args.reference:
         run = train_once(args.config, [*args.override, f"run.dir={args.workdir}/reference"])
-        torch.save({k: run[k] for k in ("losses", "grad_norms", "initial", "params")}, args.reference)
+        torch.save({k: run[k] for k in ("losses", "grad_norms", "initial", "params", "ema")}, args.reference)
         return 0
     ref = torch.load(args.against, weights_only=True)
     results = {}

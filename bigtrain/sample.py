@@ -1,0 +1,125 @@
+"""Generate samples from a diffusion checkpoint, in one process, as a picture (and a score).
+
+``bigtrain sample CKPT --n 64 --steps 50 --cfg 1.5 --seed 0 --out grid.png``
+
+The model is rebuilt from the checkpoint's config (any family whose models denoise: dit, unet, ...)
+and filled with the EMA weights when the run kept an EMA (``--weights model`` for the trained
+ones); the objective, schedule and default sampler come from the checkpoint's ``diffusion``
+section. Class-conditional models get one row per class (``--labels`` picks the classes);
+``--classifier CKPT`` scores the samples (the classifier's top-1 on the requested classes and the
+Frechet distance to the run's eval images in its feature space). Sample ``i`` is seeded by
+(``--seed``, ``i``): the same command gives the same picture, and sample ``i`` does not change with
+``--n`` or ``--batch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from bigtrain.checkpoint import CONFIG_FILE, CheckpointError
+from bigtrain.config import ConfigError, load_saved_config
+
+
+def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Module, object, str]:
+    from bigtrain.export import has_ema, load_model_state
+    from bigtrain.recipes import build_model
+
+    path = os.path.join(ckpt, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt} is not a bigtrain checkpoint (no {CONFIG_FILE})")
+    cfg = load_saved_config(path)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    if not all(hasattr(model, a) for a in ("null_class", "learn_sigma", "sample_shape")):
+        raise ConfigError(f"{ckpt} holds a model.family={cfg.model.family} model, which does not denoise images")
+    used = "ema" if weights != "model" and has_ema(ckpt) else "model"
+    missing, _ = model.load_state_dict(load_model_state(ckpt, weights), strict=False, assign=True)
+    if any(n in dict(model.named_parameters()) for n in missing):
+        raise CheckpointError(f"{ckpt} lacks parameters of its model, e.g. {missing[0]}")
+    if hasattr(model, "reset_buffers"):  # buffers derived from the sizes, never saved
+        model.reset_buffers(torch.device("cpu"))
+    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unfilled:
+        raise CheckpointError(f"{ckpt} does not fill {unfilled[0]} of its model")
+    return model.to(device).eval(), cfg, used
+
+
+def main(argv: list[str]) -> int:
+    from bigtrain.diffusion.quality import SampleScorer, class_labels, frechet_distance, save_grid
+    from bigtrain.diffusion.sampling import SAMPLERS, generate
+
+    ap = argparse.ArgumentParser(prog="bigtrain sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a complete checkpoint of a diffusion run (RUN/checkpoints/step_XXXXXXXX)")
+    ap.add_argument("--n", type=int, default=64, help="number of samples (class-conditional: rounded down to whole rows)")
+    ap.add_argument("--steps", type=int, default=50, help="sampler steps")
+    ap.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = conditional only)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", choices=["auto", *SAMPLERS], default="auto", help="auto: ddim (ddpm models), euler (flow)")
+    ap.add_argument("--labels", default="", help="comma-separated classes, one row each (default: every class)")
+    ap.add_argument("--weights", choices=["auto", "model", "ema"], default="auto", help="auto: EMA when the run kept one")
+    ap.add_argument("--classifier", default="", help="a classifier checkpoint of the data: score the samples")
+    ap.add_argument("--batch", type=int, default=256, help="samples per forward")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True, help="the grid picture (.png)")
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.steps < 1 or args.batch < 1:
+        raise ConfigError("--n, --steps and --batch must be at least 1")
+    device = torch.device(args.device)
+    model, cfg, used = _model(args.checkpoint, args.weights, device)
+    d, null = cfg.diffusion, model.null_class
+    if args.labels:
+        if null is None:
+            raise ConfigError("--labels: the model is unconditional")
+        classes = [int(c) for c in args.labels.split(",")]
+        if any(not 0 <= c < null for c in classes):
+            raise ConfigError(f"--labels: classes must be in [0, {null})")
+        cols = max(1, args.n // len(classes))
+        labels, rows = torch.tensor(classes).repeat_interleave(cols), len(classes)
+    else:
+        labels, rows = class_labels(args.n, null)
+    t0 = time.perf_counter()
+    parts = []
+    for start in range(0, len(labels), args.batch):
+        idx = list(range(start, min(start + args.batch, len(labels))))
+        parts.append(generate(model, labels[idx], idx, model.sample_shape, objective=d.objective, prediction=d.prediction,
+                              schedule=d.schedule, timesteps=d.timesteps, sampler=args.sampler, steps=args.steps,
+                              guidance=args.cfg, null=null, seed=args.seed, clip=getattr(model, "decode", None) is None,
+                              device=device).float())
+    x = torch.cat(parts)
+    if getattr(model, "decode", None) is not None:
+        x = model.decode(x).float()
+    c = x.shape[1]
+    mean = torch.tensor(cfg.data.mean * (c if len(cfg.data.mean) == 1 else 1)).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std * (c if len(cfg.data.std) == 1 else 1)).view(1, -1, 1, 1)
+    pixels = (x.cpu() * std + mean).clamp(0, 1)
+    result = {"out": save_grid(pixels, rows, args.out), "samples": len(labels), "weights": used, "steps": args.steps,
+              "cfg": args.cfg, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 2)}
+    if args.classifier:
+        from bigtrain.recipes import load_splits
+        from data_pipeline import sequential_batches
+
+        scorer = SampleScorer(args.classifier, cfg.data.image_size, cfg.data.channels, torch.device("cpu"))
+        _, eval_split = load_splits(cfg)
+        real = torch.cat([b["image"][b["weight"] > 0] for b in sequential_batches(eval_split, _spec(cfg), 256)])
+        logits, feats = scorer.features(pixels)
+        result["fd"] = round(frechet_distance(feats, scorer.features((real * std + mean).clamp(0, 1))[1]), 3)
+        if null is not None:
+            result["top1"] = round(float((torch.from_numpy(logits).argmax(-1) == labels).float().mean()), 4)
+    print(json.dumps(result))
+    return 0
+
+
+def _spec(cfg: object) -> object:
+    from bigtrain.families.image_diffusion import diffusion_spec
+
+    return diffusion_spec(cfg, train=False)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
