@@ -48,6 +48,8 @@ commands:
                                   consolidate a sharded checkpoint into one model file (any world size)
   sample CKPT --out grid.png [--n 64 --steps 50 --cfg 1.5 --seed 0 --classifier CKPT]
                                   samples of a diffusion checkpoint (EMA weights by default) as a grid
+  encode-latents CONFIG [key=value ...] --out DIR
+                                  store a latent-diffusion config's VAE latents as shards (data.dir=DIR)
   distill-logits CONFIG [key=value ...] --out DIR [--top-k K]
                                   run a distillation config's teacher once, store its top-k logits for
                                   the student (distill.logits=DIR)
@@ -274,6 +276,10 @@ def _main(argv: list[str] | None = None) -> int:
             from bigtrain.sample import main as sample_main
 
             return sample_main(rest)
+        if cmd == "encode-latents":
+            from bigtrain.diffusion.encode_latents import main as latents_main
+
+            return latents_main(rest)
         if cmd == "distill-logits":
             from bigtrain.distill_logits import main as logits_main
 

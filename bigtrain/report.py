@@ -82,21 +82,44 @@ def draw_panel(title: str, series: dict[str, Sequence[tuple[float, float]]], log
     return img
 
 
+def _latest_samples(run_dir: str) -> Image.Image | None:
+    """The newest sample grid, titled with its step and scaled to the sheet's width at most."""
+    folder = os.path.join(run_dir, "samples")
+    grids = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".png")) \
+        if os.path.isdir(folder) else []
+    if not grids:
+        return None
+    img = Image.open(os.path.join(folder, grids[-1])).convert("RGB")
+    scale = min(1.0, 2 * PANEL_W / img.width)
+    img = img.resize((int(img.width * scale), int(img.height * scale)), Image.NEAREST)
+    framed = Image.new("RGB", (img.width, img.height + 20), "white")
+    ImageDraw.Draw(framed).text((4, 4), f"samples at step {int(grids[-1][5:-4])}", fill="black")
+    framed.paste(img, (0, 20))
+    return framed
+
+
 def make_report(run_dir: str, out: str | None = None) -> str:
-    """Write ``run_dir/report.png``: training loss, learning rate, evaluation accuracies."""
+    """Write ``run_dir/report.png``: training loss, learning rate, evaluation accuracies (or losses),
+    throughput, and below them the newest sample grid of a diffusion run (``run_dir/samples/``)."""
     recs = read_metrics(run_dir)
     train = [r for r in recs if r.get("kind") == "train"]
     evals = [r for r in recs if r.get("kind") == "eval"]
     acc_keys = sorted({k for r in evals for k in r if "top1" in k})
+    # models without accuracies (LMs, diffusion) show their evaluation losses instead
+    eval_keys, eval_title = (acc_keys, "evaluation accuracy") if acc_keys else (["eval/loss"], "evaluation loss")
     panels = [
         draw_panel("training loss", {"loss": [(r["step"], r["loss"]) for r in train if "loss" in r]}, log_y=True),
         draw_panel("learning rate", {"lr": [(r["step"], r["lr"]) for r in train if "lr" in r]}),
-        draw_panel("evaluation accuracy", {_short(k): [(r["step"], r[k]) for r in evals if k in r] for k in acc_keys}),
+        draw_panel(eval_title, {_short(k): [(r["step"], r[k]) for r in evals if k in r] for k in eval_keys}),
         draw_panel("throughput (samples/s)", {"samples/s": [(r["step"], r["samples_per_s"]) for r in train if "samples_per_s" in r]}),
     ]
-    sheet = Image.new("RGB", (2 * PANEL_W, 2 * PANEL_H), "white")
+    grid = _latest_samples(run_dir)
+    extra = grid.height if grid is not None else 0
+    sheet = Image.new("RGB", (2 * PANEL_W, 2 * PANEL_H + extra), "white")
     for i, panel in enumerate(panels):
         sheet.paste(panel, ((i % 2) * PANEL_W, (i // 2) * PANEL_H))
+    if grid is not None:
+        sheet.paste(grid, ((2 * PANEL_W - grid.width) // 2, 2 * PANEL_H))
     out = out or os.path.join(run_dir, "report.png")
     sheet.save(out)
     return out

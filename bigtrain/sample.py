@@ -72,6 +72,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--n, --steps and --batch must be at least 1")
     device = torch.device(args.device)
     model, cfg, used = _model(args.checkpoint, args.weights, device)
+    from bigtrain.families.image_diffusion import latent_codec
+
+    codec = latent_codec(cfg, device)
     d, null = cfg.diffusion, model.null_class
     if args.labels:
         if null is None:
@@ -89,11 +92,10 @@ def main(argv: list[str]) -> int:
         idx = list(range(start, min(start + args.batch, len(labels))))
         parts.append(generate(model, labels[idx], idx, model.sample_shape, objective=d.objective, prediction=d.prediction,
                               schedule=d.schedule, timesteps=d.timesteps, sampler=args.sampler, steps=args.steps,
-                              guidance=args.cfg, null=null, seed=args.seed, clip=getattr(model, "decode", None) is None,
-                              device=device).float())
+                              guidance=args.cfg, null=null, seed=args.seed, clip=codec is None, device=device).float())
     x = torch.cat(parts)
-    if getattr(model, "decode", None) is not None:
-        x = model.decode(x).float()
+    if codec is not None:  # latent diffusion: back to pixels through the run's VAE
+        x = codec.decode(x)
     c = x.shape[1]
     mean = torch.tensor(cfg.data.mean * (c if len(cfg.data.mean) == 1 else 1)).view(1, -1, 1, 1)
     std = torch.tensor(cfg.data.std * (c if len(cfg.data.std) == 1 else 1)).view(1, -1, 1, 1)

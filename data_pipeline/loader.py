@@ -179,7 +179,8 @@ class NoisedImageDataset(ImageBatchDataset):
     (seed, position) like the augmentation, so every layout, micro-batch size and resume draws the
     same: ``noise`` (standard normal, the image's shape, or ``noise_shape`` for latents), ``u``
     (uniform [0, 1): the timestep), ``z`` (standard normal: a logit-normal noise level) and
-    ``drop`` (uniform [0, 1): compared with the label-dropout rate)."""
+    ``drop`` (uniform [0, 1): compared with the label-dropout rate). A set of precomputed latents
+    (``latent.npy`` members instead of images) yields ``latent`` instead of ``image``."""
 
     def __init__(self, split: SplitInfo, order: GlobalOrder, spec: ImageSpec, seed: int, train: bool,
                  noise_shape: tuple[int, ...] | None = None) -> None:
@@ -187,7 +188,16 @@ class NoisedImageDataset(ImageBatchDataset):
         self.noise_shape = noise_shape or (spec.channels, spec.image_size, spec.image_size)
 
     def decode(self, members: dict[str, bytes], position: int) -> dict[str, Any]:
-        sample = super().decode(members, position)
+        if "latent.npy" in members:  # a set of precomputed latents (`bigtrain encode-latents`)
+            try:
+                latent = np.load(io.BytesIO(members["latent.npy"]), allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise SampleError(f"latent.npy does not load: {exc}") from None
+            if latent.shape != self.noise_shape:
+                raise SampleError(f"latent of shape {latent.shape}, the model denoises {self.noise_shape}")
+            sample = {"latent": latent.astype(np.float32), "label": np.int64(decode_label(members, self.spec.num_classes))}
+        else:
+            sample = super().decode(members, position)
         rng = np.random.default_rng([self.seed, position, 13])
         sample["noise"] = rng.standard_normal(self.noise_shape, dtype=np.float32)
         sample["u"], sample["z"], sample["drop"] = (np.float64(v) for v in (rng.random(), rng.standard_normal(),

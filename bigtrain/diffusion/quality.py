@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from PIL import Image
 
-def grid_image(images: torch.Tensor, rows: int, min_tile: int = 48) -> "Image.Image":  # noqa: F821
+
+def grid_image(images: torch.Tensor, rows: int, min_tile: int = 48) -> Image.Image:
     """(N, C, H, W) images in [0, 1] as one picture, ``rows`` rows filled left to right, each tile
     upscaled (nearest) to at least ``min_tile`` pixels so small images stay visible."""
-    from PIL import Image
+    from PIL import Image  # noqa: F811 - the annotation's name, imported where it is used
 
     n, c, h, w = images.shape
     cols = max(1, math.ceil(n / rows))

@@ -39,11 +39,12 @@ log = logging.getLogger(__name__)
 
 class DiffusionEvaluator:
     """``evaluator(model)`` for models called ``model(x, t, y)`` that expose ``null_class`` (None:
-    unconditional), ``learn_sigma``, ``sample_shape`` (C, H, W of what they denoise) and optionally
-    ``encode``/``decode`` (a VAE between images and latents)."""
+    unconditional), ``learn_sigma`` and ``sample_shape`` (C, H, W of what they denoise); ``codec``:
+    the VAE between images and latents of a latent model."""
 
-    def __init__(self, cfg: Config, eval_split: SplitInfo, spec: ImageSpec, ctx: EvalContext) -> None:
+    def __init__(self, cfg: Config, eval_split: SplitInfo, spec: ImageSpec, ctx: EvalContext, codec: Any = None) -> None:
         self.cfg, self.d, self.split, self.spec, self.ctx = cfg, cfg.diffusion, eval_split, spec, ctx
+        self.codec = codec  # a LatentCodec for latent models
         channels = spec.channels
         self.mean = torch.tensor(spec.mean * (channels if len(spec.mean) == 1 else 1)).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std * (channels if len(spec.std) == 1 else 1)).view(1, -1, 1, 1)
@@ -70,8 +71,8 @@ class DiffusionEvaluator:
 
     def _loss(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor]:
         ctx = self.ctx
-        task = DiffusionTask(model, self.d, model.null_class, model.learn_sigma, getattr(model, "encode", None),
-                             drop_labels=False).to(ctx.device)
+        task = DiffusionTask(model, self.d, model.null_class, model.learn_sigma,
+                             self.codec.encode if self.codec else None, drop_labels=False).to(ctx.device)
         totals = torch.zeros(5, dtype=torch.float64)  # loss * n, mse * n, n, samples, lost
         images = []
         batches = sequential_batches(
@@ -80,8 +81,10 @@ class DiffusionEvaluator:
             make_dataset=lambda split, order: NoisedImageDataset(split, order, self.spec, 0, train=False,
                                                                  noise_shape=tuple(model.sample_shape)))
         for batch in batches:
-            if self.d.eval_classifier and self.d.samples:
-                images.append(batch["image"][batch["weight"] > 0])
+            if self.d.eval_classifier and self.d.samples:  # the real images the samples are compared with
+                keep = batch["weight"] > 0
+                images.append(batch["image"][keep] if "image" in batch else  # stored latents: decoded
+                              self.codec.decode(batch["latent"][keep].to(ctx.device)).cpu())
             batch = batch_to_device(batch, ctx.device)
             with ctx.autocast():
                 out = task(batch)
@@ -109,9 +112,9 @@ class DiffusionEvaluator:
             out = generate(model, labels[mine], mine, model.sample_shape, objective=d.objective,
                            prediction=d.prediction, schedule=d.schedule, timesteps=d.timesteps, sampler=d.sampler,
                            steps=d.sample_steps, guidance=d.guidance, null=null, seed=0,
-                           clip=getattr(model, "decode", None) is None, device=ctx.device).float()
-            if getattr(model, "decode", None) is not None:
-                out = model.decode(out).float()
+                           clip=self.codec is None, device=ctx.device).float()
+            if self.codec is not None:
+                out = self.codec.decode(out)
         if ctx.dp_size > 1:
             parts = [torch.empty_like(out) for _ in range(ctx.dp_size)]
             dist.all_gather(parts, out.contiguous(), group=ctx.dp_group)

@@ -284,7 +284,7 @@ def find_command(name: str, kind: str = "commands") -> Callable[[list[str]], int
 
 
 def apply_preset(section: Any, family: Family, key: str = "model") -> None:
-    """Fill the size keys the user left at 0 from the pretrained source, else from the
+    """Fill the size keys the user left at 0 (or [], lists) from the pretrained source, else from the
     ``model.variant`` preset, in place. A key set to something else than the source says is an error."""
     try:
         source = family.pretrained(section) if family.pretrained is not None else None
@@ -303,8 +303,9 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
         raise ConfigError(f"config key '{key}.variant': {variant!r} is not a preset of family {family.name!r}; "
                           f"choose from {sorted(family.presets)} or 'custom'")
     for name, value in family.presets[variant].items():
-        if getattr(section, name) == 0:
-            setattr(section, name, value)
+        current = getattr(section, name)
+        if current == 0 or current == []:  # unset: 0, or an empty list
+            setattr(section, name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
 __all__ = ["EvalContext", "Family", "Pretrained", "all_families", "apply_preset", "checkpoint_source", "family_names",

@@ -7,18 +7,76 @@ and the cross-section checks. A model plugs in by being called ``model(x, t, y)`
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from bigtrain.config import Config, ConfigError
+from bigtrain.config.core import doc
+from bigtrain.config.schema import ModelConfig
 from bigtrain.eval.diffusion import DiffusionEvaluator
 from bigtrain.families import EvalContext
 from bigtrain.families.image_classification import check_image_keys, image_spec
 from bigtrain.tasks.diffusion import DiffusionTask
 from data_pipeline import GlobalOrder, ImageSpec, NoisedImageDataset, SplitInfo
 
+
+
+@dataclass
+class ImageDiffusionConfig(ModelConfig):
+    """The ``model.*`` keys every image-denoising family shares: the images and classes, and the
+    VAE of latent diffusion."""
+
+    image_size: int = doc(32, "Side of the images (must equal data.image_size).", gt=0)
+    in_channels: int = doc(1, "Channels of the images (must equal data.channels).", gt=0)
+    num_classes: int = doc(10, "Class labels (plus a null class for classifier-free guidance); 0 = unconditional.", ge=0)
+    vae: str = doc("", "Latent diffusion: a local diffusers AutoencoderKL directory (save_pretrained; never "
+                   "downloaded) whose latents the model denoises (image_size / 2^(levels-1) a side, latent_channels "
+                   "deep); data must be normalised to [-1, 1]. '' = pixel space.")
+    latent_scale: float = doc(0.0, "Latent scaling factor (SD's 0.18215); 0 = the VAE config's scaling_factor.", ge=0)
+    latent_channels: int = doc(0, "Latent channels of model.vae (SD: 4); 0 = read from its config.json. Set with "
+                               "latent_factor, the config resolves without the VAE at hand; the run checks them.", ge=0)
+    latent_factor: int = doc(0, "Image side / latent side of model.vae (SD: 8); 0 = read from its config.json.", ge=0)
+
+
 ANY_LABEL = 2**31 - 1  # unconditional models read whatever labels the data has, and ignore them
+_CODECS: dict[tuple[str, float, str], Any] = {}  # one frozen VAE per process and device
+
+
+def denoised_shape(m: Any) -> tuple[int, int]:
+    """(channels, side) of what a model section's network denoises: the image, or its VAE latents."""
+    if not m.vae:
+        return m.in_channels, m.image_size
+    from bigtrain.diffusion.latent import latent_spec
+
+    if m.latent_channels and m.latent_factor:  # declared: the VAE itself is checked when the run loads it
+        channels, factor = m.latent_channels, m.latent_factor
+    else:
+        spec = latent_spec(m.vae, m.latent_scale)
+        channels, factor = spec.channels, spec.factor
+    if m.image_size % factor:
+        raise ConfigError(f"config key 'model.image_size' ({m.image_size}) must be divisible by the VAE's downsampling "
+                          f"factor {factor} ({m.vae})")
+    return channels, m.image_size // factor
+
+
+def latent_codec(cfg: Config, device: Any) -> Any:
+    """The run's frozen VAE on ``device`` (None in pixel space), loaded once per process."""
+    m = cfg.model
+    if not m.vae:
+        return None
+    key = (m.vae, m.latent_scale, str(device))
+    if key not in _CODECS:
+        from bigtrain.diffusion.latent import LatentCodec
+
+        codec = LatentCodec(m.vae, device, m.latent_scale)
+        for name, declared, actual in (("latent_channels", m.latent_channels, codec.spec.channels),
+                                       ("latent_factor", m.latent_factor, codec.spec.factor)):
+            if declared and declared != actual:
+                raise ConfigError(f"config key 'model.{name}' ({declared}) differs from the VAE at {m.vae} ({actual})")
+        _CODECS[key] = codec
+    return _CODECS[key]
 
 
 def diffusion_spec(cfg: Config, train: bool) -> ImageSpec:
@@ -28,15 +86,32 @@ def diffusion_spec(cfg: Config, train: bool) -> ImageSpec:
 
 def noised_train_data(cfg: Config, split: SplitInfo) -> NoisedImageDataset:
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
-    return NoisedImageDataset(split, order, diffusion_spec(cfg, train=True), cfg.train.seed, train=True)
+    channels, side = denoised_shape(cfg.model)
+    return NoisedImageDataset(split, order, diffusion_spec(cfg, train=True), cfg.train.seed, train=True,
+                              noise_shape=(channels, side, side))
 
 
 def diffusion_task(cfg: Config, model: nn.Module) -> DiffusionTask:
-    return DiffusionTask(model, cfg.diffusion, model.null_class, model.learn_sigma, getattr(model, "encode", None))
+    first = next(model.parameters(), None)
+    codec = latent_codec(cfg, first.device if first is not None else "cpu")
+    return DiffusionTask(model, cfg.diffusion, model.null_class, model.learn_sigma, codec.encode if codec else None)
 
 
 def diffusion_evaluator(cfg: Config, train: SplitInfo, evals: SplitInfo, ctx: EvalContext) -> DiffusionEvaluator:
-    return DiffusionEvaluator(cfg, evals, diffusion_spec(cfg, train=False), ctx)
+    return DiffusionEvaluator(cfg, evals, diffusion_spec(cfg, train=False), ctx, latent_codec(cfg, ctx.device))
+
+
+def diffusion_family_fields() -> dict[str, Any]:
+    """The Family fields every image-denoising family shares (task, data, evaluator, debug run)."""
+    from bigtrain.families.image_classification import write_digits_source
+
+    return dict(
+        tasks={"diffusion": diffusion_task}, train_data=noised_train_data, evaluator=diffusion_evaluator,
+        data_sources={"digits": write_digits_source}, example_batch=diffusion_batch, pipeline=False,
+        sample_unit=lambda m: ("images", 1),
+        debug_overrides=("model.variant=debug", "model.image_size=16", "data.image_size=16", "data.augment=none",
+                         "train.global_batch_size=32", "diffusion.sample_steps=10", "diffusion.samples=20"),
+    )
 
 
 def check_diffusion_keys(cfg: Config) -> None:
@@ -53,6 +128,11 @@ def check_diffusion_keys(cfg: Config) -> None:
         raise ConfigError(f"config key 'diffusion.sample_steps' ({d.sample_steps}) exceeds diffusion.timesteps ({d.timesteps})")
     if d.eval_classifier and not d.samples:
         raise ConfigError("config key 'diffusion.eval_classifier' scores samples: set diffusion.samples > 0 too")
+    if m.vae:
+        if any(v != 0.5 for v in (*cfg.data.mean, *cfg.data.std)):
+            raise ConfigError("config key 'model.vae': the VAE reads images in [-1, 1]: set data.mean=[0.5] and "
+                              "data.std=[0.5]")
+        denoised_shape(m)
 
 
 def diffusion_batch(model_cfg: Any, batch_size: int, generator: Any) -> dict[str, Any]:
@@ -61,7 +141,9 @@ def diffusion_batch(model_cfg: Any, batch_size: int, generator: Any) -> dict[str
 
     m = model_cfg
     shape = (batch_size, m.in_channels, m.image_size, m.image_size)
-    return {"image": torch.rand(shape, generator=generator) * 2 - 1, "noise": torch.randn(shape, generator=generator),
+    channels, side = denoised_shape(m)
+    return {"image": torch.rand(shape, generator=generator) * 2 - 1,
+            "noise": torch.randn(batch_size, channels, side, side, generator=generator),
             "label": torch.randint(0, max(m.num_classes, 1), (batch_size,), generator=generator),
             "u": torch.rand(batch_size, generator=generator, dtype=torch.float64),
             "z": torch.randn(batch_size, generator=generator, dtype=torch.float64),

@@ -38,8 +38,10 @@ class DiffusionTask(nn.Module):
         self.model, self.cfg, self.null_class, self.learn_sigma = model, cfg, null_class, learn_sigma
         self.encode, self.drop_labels = encode, drop_labels
         beta = S.betas(cfg.schedule, cfg.timesteps)
-        self.register_buffer("beta", beta, persistent=False)
-        self.register_buffer("abar", S.alpha_bar(beta), persistent=False)
+        first = next(model.parameters(), None)  # the schedule lives where the batch's timesteps index it
+        device = first.device if first is not None else torch.device("cpu")
+        self.register_buffer("beta", beta.to(device), persistent=False)
+        self.register_buffer("abar", S.alpha_bar(beta).to(device), persistent=False)
 
     def labels(self, batch: dict[str, Any]) -> torch.Tensor:
         y = batch["label"]

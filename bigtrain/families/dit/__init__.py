@@ -13,14 +13,7 @@ from bigtrain.config import Config, ConfigError
 from bigtrain.families import Family
 from bigtrain.families.dit.config import PRESETS, DiTConfig
 from bigtrain.families.dit.parallelize import parallelize_dit
-from bigtrain.families.image_classification import write_digits_source
-from bigtrain.families.image_diffusion import (
-    check_diffusion_keys,
-    diffusion_batch,
-    diffusion_evaluator,
-    diffusion_task,
-    noised_train_data,
-)
+from bigtrain.families.image_diffusion import check_diffusion_keys, denoised_shape, diffusion_family_fields
 from bigtrain.models.dit import DiT, DiTArgs
 
 
@@ -28,8 +21,9 @@ def dit_args(m: DiTConfig) -> DiTArgs:
     missing = [k for k in ("depth", "width", "num_heads", "patch_size") if not getattr(m, k)]
     if missing:
         raise ConfigError(f"model.variant={m.variant} needs {', '.join('model.' + k for k in missing)} set")
+    channels, side = denoised_shape(m)
     args = DiTArgs(depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
-                   input_size=m.image_size, in_channels=m.in_channels, num_classes=m.num_classes,
+                   input_size=side, in_channels=channels, num_classes=m.num_classes,
                    learn_sigma=m.learn_sigma, mlp_ratio=m.mlp_ratio)
     try:
         args.check()
@@ -50,19 +44,11 @@ def flops_per_sample(model: nn.Module, m: Any) -> float:
 FAMILY = Family(
     name="dit",
     description="Diffusion Transformer (DiT S..XL / 2,4,8; adaLN-Zero, classifier-free guidance), denoising images",
+    **diffusion_family_fields(),
     config=DiTConfig,
     build=lambda m: DiT(dit_args(m)),
-    tasks={"diffusion": diffusion_task},
-    train_data=noised_train_data,
-    evaluator=diffusion_evaluator,
     flops_per_sample=flops_per_sample,
-    data_sources={"digits": write_digits_source},
     presets=PRESETS,
-    debug_overrides=("model.variant=debug", "model.image_size=16", "data.image_size=16", "data.augment=none",
-                     "train.global_batch_size=32", "diffusion.sample_steps=10", "diffusion.samples=20"),
-    parallelize=parallelize_dit,
-    pipeline=False,
     validate=validate,
-    example_batch=diffusion_batch,
-    sample_unit=lambda m: ("images", 1),
+    parallelize=parallelize_dit,
 )

@@ -5,21 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigtrain.config.core import doc
-from bigtrain.config.schema import ModelConfig
+from bigtrain.families.image_diffusion import ImageDiffusionConfig
 from bigtrain.models.dit import SIZES
 
 
 @dataclass
-class DiTConfig(ModelConfig):
+class DiTConfig(ImageDiffusionConfig):
     variant: str = doc("debug", "Size from the DiT paper, 'S/2' ... 'XL/8' (size / patch), 'debug' (tiny) or 'custom'; "
                        "fills depth/width/num_heads/patch_size left at 0.")
     depth: int = doc(0, "Number of adaLN-Zero blocks; 0 = from variant.", ge=0)
     width: int = doc(0, "Hidden size; 0 = from variant.", ge=0)
     num_heads: int = doc(0, "Attention heads; 0 = from variant.", ge=0)
     patch_size: int = doc(0, "Square patch size; 0 = from variant.", ge=0)
-    image_size: int = doc(32, "Side of the denoised image (must equal data.image_size).", gt=0)
-    in_channels: int = doc(1, "Channels of the denoised image (must equal data.channels).", gt=0)
-    num_classes: int = doc(10, "Class labels (plus a null class for classifier-free guidance); 0 = unconditional.", ge=0)
     learn_sigma: bool = doc(False, "Also predict the variance interpolation (twice the output channels, DiT's hybrid "
                             "loss with the variational bound; needs diffusion.objective=ddpm, prediction=epsilon).")
     mlp_ratio: float = doc(4.0, "MLP hidden size / width.", gt=0)
