@@ -215,13 +215,14 @@ def test_latent_dit_trains_samples_and_checks_its_keys(tmp_path, digits_dir: str
     import sys
 
     from bigtrain.config import ConfigError, load_config
-    from tests.conftest import ROOT
+    from conftest import ROOT
 
     _tiny_vae(str(tmp_path / "vae"))
     config = tmp_path / "latent.yaml"
     config.write_text(f"model:\n  family: dit\n  vae: {tmp_path / 'vae'}\ndata:\n  dir: {digits_dir}\n")
     common = [str(config), "model.variant=debug", "model.patch_size=2", "model.image_size=16", "data.image_size=16",
               "data.augment=none", "train.global_batch_size=8", "train.steps=2", "diffusion.samples=10", "log.every_steps=1",
+              "diffusion.eval_max_samples=64",
               "diffusion.sample_steps=3", f"run.dir={tmp_path / 'run'}"]
     cfg = load_config(common[0], common[1:])
     from bigtrain.recipes import build_model

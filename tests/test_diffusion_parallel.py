@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, parity
+from conftest import ROOT, parity
 
 RTOL = 1e-5  # fp32 parity tolerance of the other layout tests
 DIT = ["model.variant=debug", "model.image_size=16", "data.image_size=16", "data.augment=none", "model.num_classes=10",

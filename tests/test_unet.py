@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bigtrain.models.unet import ConditionedUNet, UNetArgs  # noqa: E402
-from tests.conftest import parity  # noqa: E402
+from conftest import parity  # noqa: E402
 
 TINY = dict(channels=(16, 32), attention=(False, True), transformer_layers=(1, 1), head_dim=8, norm_groups=8,
             cross_attention_dim=32, text_width=32, text_layers=1, text_heads=2, image_size=16)

@@ -110,7 +110,8 @@ def diffusion_family_fields() -> dict[str, Any]:
         data_sources={"digits": write_digits_source}, example_batch=diffusion_batch, pipeline=False,
         sample_unit=lambda m: ("images", 1),
         debug_overrides=("model.variant=debug", "model.image_size=16", "data.image_size=16", "data.augment=none",
-                         "train.global_batch_size=32", "diffusion.sample_steps=10", "diffusion.samples=20"),
+                         "train.global_batch_size=32", "diffusion.sample_steps=5", "diffusion.samples=10",
+                         "diffusion.eval_max_samples=128"),
     )
 
 
