@@ -51,7 +51,7 @@ def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Modu
 
 
 def main(argv: list[str]) -> int:
-    from bigtrain.diffusion.quality import SampleScorer, class_labels, frechet_distance, save_grid
+    from bigtrain.diffusion.quality import SampleScorer, class_labels, save_grid, to_pixels
     from bigtrain.diffusion.sampling import SAMPLERS, generate
 
     ap = argparse.ArgumentParser(prog="bigtrain sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--n, --steps and --batch must be at least 1")
     device = torch.device(args.device)
     model, cfg, used = _model(args.checkpoint, args.weights, device)
-    from bigtrain.families.image_diffusion import latent_codec
+    from bigtrain.families.image_diffusion import diffusion_spec, latent_codec
 
     codec = latent_codec(cfg, device)
     d, null = cfg.diffusion, model.null_class
@@ -96,31 +96,25 @@ def main(argv: list[str]) -> int:
     x = torch.cat(parts)
     if codec is not None:  # latent diffusion: back to pixels through the run's VAE
         x = codec.decode(x)
-    c = x.shape[1]
-    mean = torch.tensor(cfg.data.mean * (c if len(cfg.data.mean) == 1 else 1)).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.data.std * (c if len(cfg.data.std) == 1 else 1)).view(1, -1, 1, 1)
-    pixels = (x.cpu() * std + mean).clamp(0, 1)
+    pixels = to_pixels(x, cfg.data.mean, cfg.data.std)
     result = {"out": save_grid(pixels, rows, args.out), "samples": len(labels), "weights": used, "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 2)}
     if args.classifier:
         from bigtrain.recipes import load_splits
-        from data_pipeline import sequential_batches
+        from data_pipeline import NoisedImageDataset, sequential_batches
 
         scorer = SampleScorer(args.classifier, cfg.data.image_size, cfg.data.channels, torch.device("cpu"))
         _, eval_split = load_splits(cfg)
-        real = torch.cat([b["image"][b["weight"] > 0] for b in sequential_batches(eval_split, _spec(cfg), 256)])
-        logits, feats = scorer.features(pixels)
-        result["fd"] = round(frechet_distance(feats, scorer.features((real * std + mean).clamp(0, 1))[1]), 3)
-        if null is not None:
-            result["top1"] = round(float((torch.from_numpy(logits).argmax(-1) == labels).float().mean()), 4)
+        real = []
+        for b in sequential_batches(eval_split, None, 256, make_dataset=lambda split, order: NoisedImageDataset(
+                split, order, diffusion_spec(cfg, train=False), 0, train=False, noise_shape=tuple(model.sample_shape))):
+            keep = b["weight"] > 0  # a set of stored latents is decoded, like the evaluator does
+            real.append(b["image"][keep] if "image" in b else codec.decode(b["latent"][keep].to(device)).cpu())
+        reference = scorer.features(to_pixels(torch.cat(real), cfg.data.mean, cfg.data.std))[1]
+        scores = scorer.score(pixels, labels if null is not None else None, reference)
+        result.update({k: round(v, 3 if k == "fd" else 4) for k, v in scores.items()})
     print(json.dumps(result))
     return 0
-
-
-def _spec(cfg: object) -> object:
-    from bigtrain.families.image_diffusion import diffusion_spec
-
-    return diffusion_spec(cfg, train=False)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def class_labels(n: int, num_classes: int | None) -> tuple[torch.Tensor, int]:
     return torch.arange(num_classes).repeat_interleave(cols), num_classes
 
 
+def to_pixels(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Images in a data set's normalisation ((pixel - mean) / std, one value or one per channel)
+    as pixel values in [0, 1], on the CPU."""
+    c = x.shape[1]
+    m = torch.tensor(mean * (c if len(mean) == 1 else 1)).view(1, -1, 1, 1)
+    s = torch.tensor(std * (c if len(std) == 1 else 1)).view(1, -1, 1, 1)
+    return (x.float().cpu() * s + m).clamp(0, 1)
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (rows = samples)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
@@ -108,3 +117,12 @@ class SampleScorer:
             logits.append(out.float().cpu())
             feats.append(f.float().cpu())
         return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+
+    def score(self, pixels: torch.Tensor, labels: torch.Tensor | None, reference: np.ndarray) -> dict[str, float]:
+        """``fd``: Frechet distance of the samples' features to ``reference`` (real images' features);
+        ``top1`` (class-conditional samples, ``labels`` given): agreement with the requested classes."""
+        logits, feats = self.features(pixels)
+        result = {"fd": frechet_distance(feats, reference)}
+        if labels is not None:
+            result["top1"] = float((torch.from_numpy(logits).argmax(-1) == labels).float().mean())
+        return result

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bigtrain.config import Config
-from bigtrain.diffusion.quality import SampleScorer, class_labels, frechet_distance, save_grid
+from bigtrain.diffusion.quality import SampleScorer, class_labels, save_grid, to_pixels
 from bigtrain.diffusion.sampling import generate
 from bigtrain.eval.classification import warn_lost
 from bigtrain.families import EvalContext
@@ -45,9 +45,6 @@ class DiffusionEvaluator:
     def __init__(self, cfg: Config, eval_split: SplitInfo, spec: ImageSpec, ctx: EvalContext, codec: Any = None) -> None:
         self.cfg, self.d, self.split, self.spec, self.ctx = cfg, cfg.diffusion, eval_split, spec, ctx
         self.codec = codec  # a LatentCodec for latent models
-        channels = spec.channels
-        self.mean = torch.tensor(spec.mean * (channels if len(spec.mean) == 1 else 1)).view(1, -1, 1, 1)
-        self.std = torch.tensor(spec.std * (channels if len(spec.std) == 1 else 1)).view(1, -1, 1, 1)
         scored = bool(self.d.eval_classifier and self.d.samples)
         self.best_metric = ("eval/sample_fd", False) if scored else ("eval/loss", False)
         self.scorer: SampleScorer | None = None
@@ -55,7 +52,7 @@ class DiffusionEvaluator:
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space images (the data's normalisation) as pixel values in [0, 1]."""
-        return (x.float().cpu() * self.std + self.mean).clamp(0, 1)
+        return to_pixels(x, self.spec.mean, self.spec.std)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -138,8 +135,4 @@ class DiffusionEvaluator:
                 dist.all_gather_object(gathered, mine, group=self.ctx.dp_group)
                 mine = np.concatenate([g for g in gathered if len(g)])
             self.reference = mine
-        logits, feats = self.scorer.features(pixels)
-        metrics: dict[str, Any] = {"eval/sample_fd": frechet_distance(feats, self.reference)}
-        if labels is not None:  # class-conditional: do the samples show the requested classes?
-            metrics["eval/sample_top1"] = float((torch.from_numpy(logits).argmax(-1) == labels).float().mean())
-        return metrics
+        return {f"eval/sample_{k}": v for k, v in self.scorer.score(pixels, labels, self.reference).items()}
