@@ -52,13 +52,16 @@ def main(argv: list[str]) -> int:
     if not uses_teacher(cfg) or not cfg.teacher.family:
         raise ConfigError(f"{args.config} has no teacher to run (task={cfg.task}, teacher.family="
                           f"{cfg.teacher.family or None}): give the distillation config with its teacher section")
-    if args.top_k < 1:
-        raise ConfigError("--top-k must be at least 1")
+    for flag, value, low in (("--top-k", args.top_k, 1), ("--samples-per-shard", args.samples_per_shard, 1),
+                             ("--batch-size", args.batch_size, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}" + (" (0 = eval.batch_size)" if low == 0 else ""))
     out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {args.out} exists and is not empty: the store is never written over")
     ps = ParallelState.create(cfg.parallel)
     ended = False  # on an error, leave without waiting for ranks that may never arrive
+    tmp = ""
     try:
         if ps.pp > 1:
             raise ConfigError("distill-logits runs the teacher data- and tensor-parallel: parallel.pp must be 1")
@@ -93,14 +96,19 @@ def main(argv: list[str]) -> int:
         ps.barrier()
         ended = True
     finally:
+        if not ended and ps.rank == 0 and tmp and os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no half store behind
         ps.destroy(together=ended)
     return 0
 
 
 def _shared_tmp(out: str, ps: Any) -> str:
     """A fresh temporary sibling of ``out``, made by rank 0 and known to every rank."""
-    name = [f"{out}.partial-{os.getpid()}"] if ps.rank == 0 else [None]
+    from bigtrain.outputs import clean_partials, partial_path
+
+    name = [partial_path(out)] if ps.rank == 0 else [None]
     if ps.rank == 0:
+        clean_partials(out)  # what killed earlier runs on this host left
         shutil.rmtree(name[0], ignore_errors=True)
         os.makedirs(name[0])
     if dist.is_initialized():

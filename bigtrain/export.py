@@ -88,14 +88,11 @@ def export_safetensors(ckpt: str, out: str, weights: str = "auto") -> str:
 
 
 def export_hf(ckpt: str, out: str, weights: str = "auto") -> str:
-    from bigtrain.config import load_saved_config
+    from bigtrain.checkpoint import open_saved_config
     from bigtrain.families import get_family
     from bigtrain.recipes import build_model
 
-    config_path = os.path.join(ckpt, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{ckpt} has no {CONFIG_FILE}: cannot rebuild the model for --format hf")
-    cfg = load_saved_config(config_path)
+    cfg = open_saved_config(ckpt, "checkpoint")
     family = get_family(cfg.model.family)
     if family.export_hf is None:
         raise CheckpointError(f"model.family={cfg.model.family} has no Hugging Face exporter (use --format safetensors)")
@@ -107,6 +104,8 @@ def export_hf(ckpt: str, out: str, weights: str = "auto") -> str:
 
 
 def main(argv: list[str]) -> int:
+    from bigtrain.families import add_trust_argument, apply_trust_argument
+
     ap = argparse.ArgumentParser(prog="bigtrain export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a complete checkpoint directory (run_dir/checkpoints/step_XXXXXXXX)")
@@ -115,7 +114,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                     help="auto (default): the EMA weights when the checkpoint has an EMA (ema.decay > 0), else the "
                          "trained ones; model: always the trained weights; ema: the EMA (an error without one)")
+    add_trust_argument(ap)
     args = ap.parse_args(argv)
+    apply_trust_argument(args)
     export = export_safetensors if args.format == "safetensors" else export_hf
     path = export(args.checkpoint, args.out, args.weights)
     print(path)

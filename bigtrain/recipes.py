@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bigtrain.checkpoint import Checkpointer
@@ -206,7 +207,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     dataset = train_dataset(cfg, train_split)
     if cfg.distill.logits:
-        dataset.stored = StoredLogits(cfg.distill.logits)
+        dataset.stored = verified_store(cfg.distill.logits, ps)
     stream = TrainStream(
         dataset, batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
         num_workers=cfg.data.num_workers,
@@ -230,6 +231,21 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         train_split.num_samples, eval_split.num_samples,
     )
     return trainer
+
+
+def verified_store(path: str, ps: ParallelState) -> StoredLogits:
+    """A logit store whose shards all pass their SHA-256 (each rank reads its share, all ranks agree)
+    before the first step: a damaged shard is one line naming it, on every rank, not a bad update."""
+    store = StoredLogits(path)
+    problems = store.verify(ps.rank, ps.world_size)
+    if ps.distributed:
+        gathered: list[Any] = [None] * ps.world_size
+        dist.all_gather_object(gathered, problems, group=ps.side_group())
+        problems = [p for rank_problems in gathered for p in rank_problems]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    return store
 
 
 def num_params(model: nn.Module) -> int:

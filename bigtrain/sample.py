@@ -22,18 +22,15 @@ import time
 
 import torch
 
-from bigtrain.checkpoint import CONFIG_FILE, CheckpointError
-from bigtrain.config import ConfigError, load_saved_config
+from bigtrain.checkpoint import CheckpointError, open_saved_config
+from bigtrain.config import ConfigError
 
 
 def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Module, object, str]:
     from bigtrain.export import has_ema, load_model_state
     from bigtrain.recipes import build_model
 
-    path = os.path.join(ckpt, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{ckpt} is not a bigtrain checkpoint (no {CONFIG_FILE})")
-    cfg = load_saved_config(path)
+    cfg = open_saved_config(ckpt, "checkpoint")
     with torch.device("meta"):
         model = build_model(cfg)
     if not all(hasattr(model, a) for a in ("null_class", "learn_sigma", "sample_shape")):
@@ -51,6 +48,8 @@ def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Modu
 
 
 def main(argv: list[str]) -> int:
+    from bigtrain.families import add_trust_argument, apply_trust_argument
+
     from bigtrain.diffusion.quality import SampleScorer, class_labels, save_grid, to_pixels
     from bigtrain.diffusion.sampling import SAMPLERS, generate
 
@@ -67,7 +66,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=256, help="samples per forward")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True, help="the grid picture (.png)")
+    add_trust_argument(ap)
     args = ap.parse_args(argv)
+    apply_trust_argument(args)
     if args.n < 1 or args.steps < 1 or args.batch < 1:
         raise ConfigError("--n, --steps and --batch must be at least 1")
     device = torch.device(args.device)

@@ -13,8 +13,9 @@
 #
 # Resumable at each stage: after a requeue (preemption, time limit) the script starts from the top
 # and skips what is complete.
-#   1. prune (one task): skipped when PRUNED/prune_report.json exists. Written to PRUNED.partial and
-#      renamed when done, so a half-written student is never trained.
+#   1. prune (one task): skipped when PRUNED/prune_report.json exists. bigtrain prune builds PRUNED
+#      under a temporary name and renames it when done, so a half-written student is never trained;
+#      an existing PRUNED that is not a complete prune output is refused (exit 2), never nested into.
 #   2. with BIGTRAIN_LOGITS=DIR: the teacher's top-k logits stored once (all tasks,
 #      `bigtrain distill-logits`, top-k from BIGTRAIN_TOP_K, default 16); skipped when DIR/logits.json
 #      exists. The student then reads them instead of running the teacher.
@@ -45,10 +46,8 @@ if [ -f "$pruned/prune_report.json" ]; then
     say "stage 1 (prune): $pruned is complete, skipped"
 else
     say "stage 1 (prune): $teacher -> $pruned ($prune_args)"
-    rm -rf "$pruned.partial"
     # shellcheck disable=SC2086  # the prune arguments are meant to split
-    srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 "$py" -m bigtrain prune "$teacher" --out "$pruned.partial" $prune_args
-    mv "$pruned.partial" "$pruned"
+    srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 "$py" -m bigtrain prune "$teacher" --out "$pruned" $prune_args
 fi
 
 student=("model.pretrained=$pruned" "task=distill" "teacher.family=llama" "teacher.pretrained=$teacher" "$@")

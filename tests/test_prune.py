@@ -13,13 +13,13 @@ SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=128)
 
 
-def _model(kind: str = "qwen2"):
+def _model(kind: str = "qwen2", **extra: object):
     from transformers import LlamaConfig, Qwen2Config
 
     from bigtrain.models.causal_lm import CausalLM
 
     torch.manual_seed(0)
-    config = (Qwen2Config if kind == "qwen2" else LlamaConfig)(**SHAPE)
+    config = (Qwen2Config if kind == "qwen2" else LlamaConfig)(**SHAPE, **extra)
     config.architectures = ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"]
     config._attn_implementation = "sdpa"
     model = CausalLM(config)
@@ -44,6 +44,35 @@ def test_keeping_everything_reproduces_the_model() -> None:
     x = _batches(1)[0]
     with torch.no_grad():
         assert torch.equal(small(x), model(x))
+
+
+def test_llama_attention_and_mlp_biases_are_pruned_with_their_rows(tmp_path: Path) -> None:
+    """Llama's attention_bias / mlp_bias (q/k/v/o and gate/up/down biases): keeping everything
+    reproduces the logits exactly; a real prune slices every bias and reloads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from bigtrain.families.llama.prune import Plan, apply_plan, estimate_importance, make_plan
+
+    model = _model("llama", attention_bias=True, mlp_bias=True)
+    biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert {n.split(".", 2)[2] for n in biases} == {f"self_attn.{p}_proj.bias" for p in "qkvo"} | {
+        f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")}
+    everything = Plan(layers=[0, 1, 2, 3], heads={i: [0, 1, 2, 3] for i in range(4)},
+                      neurons={i: list(range(96)) for i in range(4)}, channels=list(range(64)))
+    x = _batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(apply_plan(model, everything)(x), model(x))
+    small = apply_plan(model, make_plan(estimate_importance(model, _batches()), model.config, hidden=48, ffn=64,
+                                        heads=2, layers=3))
+    layer = small.layers["0"]
+    assert layer.self_attn.o_proj.bias.shape == (48,) and layer.mlp.down_proj.bias.shape == (48,)
+    assert layer.mlp.gate_proj.bias.shape == (64,) and layer.mlp.up_proj.bias.shape == (64,)
+    small.to_hf().save_pretrained(tmp_path / "pruned")
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", attn_implementation="sdpa",
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert (loaded(x).logits - small(x)).abs().max() <= 1e-5
 
 
 def test_importance_finds_dead_neurons_heads_and_identity_layers() -> None:

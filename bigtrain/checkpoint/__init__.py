@@ -20,6 +20,7 @@ from bigtrain.checkpoint.manager import (
     is_complete,
     list_complete,
     load_model_weights,
+    open_saved_config,
     step_dir_name,
 )
 from bigtrain.checkpoint.state import ModelState, OptimizerState, RNGState, SafeLoadPlanner, ScalarState
@@ -28,5 +29,5 @@ __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "MARKER", "CheckpointError", "CheckpointSaveError", "Checkpointer",
     "CorruptCheckpoint", "IncompatibleCheckpoint", "ModelState", "OptimizerState", "RNGState", "SafeFileSystemReader",
     "SafeLoadPlanner", "ScalarState", "_single_process_ok", "check_loadable", "is_complete", "list_complete",
-    "load_model_weights", "read_marker", "read_metadata_file", "step_dir_name",
+    "load_model_weights", "open_saved_config", "read_marker", "read_metadata_file", "step_dir_name",
 ]

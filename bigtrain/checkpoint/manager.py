@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -72,6 +72,9 @@ from bigtrain.checkpoint.integrity import (
 )
 from bigtrain.checkpoint.state import STRICT_KEYS, RNGState, SafeLoadPlanner, StrictLoadPlanner
 from bigtrain.config.compat import resume_mismatches
+
+if TYPE_CHECKING:
+    from bigtrain.config.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +143,42 @@ def _reason(exc: BaseException) -> str:
 
 
 def check_loadable(path: str) -> dict[str, Any]:
-    """Cheap checks of an explicitly named checkpoint, before any work (one process, no collectives):
-    it exists, its marker is valid, its metadata is trusted, its files have the recorded sizes."""
+    """Cheap checks of an explicitly named checkpoint, before any work and before anything in it is
+    parsed (one process, no collectives): it exists, its marker is valid, its files have the recorded
+    sizes, the small files that are parsed (``.metadata``, ``config.yaml``) their checksums, and the
+    metadata is trusted. The tensor files' checksums are verified by the load itself."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path!r}: no such checkpoint directory")
     meta = read_marker(path)
+    problems: list[str] = []
+    if meta.get("format", 1) >= 2:
+        names = manifest_names(path, meta)
+        problems = check_files(path, meta["files"], names, checksums=False)
+        parsed = [n for n in (METADATA_FILE, CONFIG_FILE) if n in meta["files"]]
+        problems = problems or check_files(path, meta["files"], parsed)
+        if not problems and os.path.isfile(os.path.join(path, CONFIG_FILE)) and CONFIG_FILE not in meta["files"]:
+            problems = [f"{CONFIG_FILE}: not in the checkpoint's manifest"]  # planted after the commit
+    _verdict(path, meta, problems)
     read_metadata_file(os.path.join(path, METADATA_FILE))
-    problems = check_files(path, meta["files"], manifest_names(path, meta), checksums=False) if meta.get("format", 1) >= 2 else []
-    return _verdict(path, meta, problems)
+    return meta
+
+
+def open_saved_config(path: str, key: str) -> Config:
+    """The config checkpoint ``path`` was trained with, for a command that rebuilds its model
+    (``key`` names the option in messages). The checkpoint is verified first (:func:`check_loadable`:
+    nothing in it is parsed before its marker, sizes and the config's checksum agree); the config is
+    then read as data: a family it names by module is not imported unless the user trusted it."""
+    from bigtrain.config import load_saved_config
+
+    try:
+        check_loadable(path)
+    except CheckpointError as exc:
+        reason = str(exc).removeprefix(f"{path!r}: ").removeprefix(f"{path}: ")
+        raise type(exc)(f"{key}={path}: {reason}") from None
+    config = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config):
+        raise CheckpointError(f"{key}={path} is not a bigtrain checkpoint with its config (no {CONFIG_FILE})")
+    return load_saved_config(config)
 
 
 def check_resume_config(path: str, config_text: str, allow_changes: list[str]) -> None:
@@ -163,7 +194,8 @@ def check_resume_config(path: str, config_text: str, allow_changes: list[str]) -
             saved = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as exc:
         raise CorruptCheckpoint(f"{saved_path} is unreadable ({exc})") from None
-    diffs = resume_mismatches(saved if isinstance(saved, dict) else {}, yaml.safe_load(config_text), allow_changes)
+    diffs = resume_mismatches(saved if isinstance(saved, dict) else {}, yaml.safe_load(config_text), allow_changes,
+                              saved_path)
     if diffs:
         keys = ", ".join(d.split(":")[0] for d in diffs)
         raise IncompatibleCheckpoint(f"{path} was saved with other settings: {'; '.join(diffs)} "

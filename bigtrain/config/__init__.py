@@ -19,7 +19,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def load_saved_config(path: str | Path) -> Config:
     """The config a checkpoint was saved with (``config.yaml`` in it), read by this version:
-    configs of older versions are migrated (see :mod:`bigtrain.config.compat`)."""
+    configs of older versions are migrated (see :mod:`bigtrain.config.compat`). It is data, not the
+    user's: a family it names by module is refused unless the user trusted that module (see
+    :func:`bigtrain.families.reading_saved_config`). Callers verify the checkpoint first
+    (:func:`bigtrain.checkpoint.open_saved_config` does both)."""
     from bigtrain.config.compat import migrate_legacy
+    from bigtrain.families import reading_saved_config
 
-    return from_dict(Config, migrate_legacy(load_yaml(path)))
+    with reading_saved_config(str(path)):
+        return from_dict(Config, migrate_legacy(load_yaml(path)))

@@ -45,15 +45,17 @@ def migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": migrated}
 
 
-def normalize_saved(data: dict[str, Any]) -> dict[str, Any]:
+def normalize_saved(data: dict[str, Any], source: str = "the checkpoint's config") -> dict[str, Any]:
     """A saved config as this version resolves it (legacy keys migrated, presets and defaults filled),
-    so it compares key by key with a run's resolved config; as migrated if it no longer validates."""
+    so it compares key by key with a run's resolved config; as migrated if it no longer validates.
+    Read as untrusted data: no family it names by module is imported (``source`` names the file)."""
     from bigtrain.config.core import ConfigError, from_dict
     from bigtrain.config.schema import Config
+    from bigtrain.families import reading_saved_config
 
-    data = migrate_legacy(data)
     try:
-        return dataclasses.asdict(from_dict(Config, data))
+        with reading_saved_config(source):
+            return dataclasses.asdict(from_dict(Config, migrate_legacy(data)))
     except ConfigError as exc:
         log.warning("the checkpoint's saved config does not validate today (%s); comparing it as saved", exc)
         return data
@@ -73,9 +75,10 @@ def _fixed(key: str) -> bool:
     return key not in RESUME_FREE and any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
 
 
-def resume_mismatches(saved: dict[str, Any], current: dict[str, Any], allow: list[str]) -> list[str]:
+def resume_mismatches(saved: dict[str, Any], current: dict[str, Any], allow: list[str],
+                      source: str = "the checkpoint's config") -> list[str]:
     """``key: saved -> current`` for every fixed key that differs and is not allowed to."""
-    old, new = _flatten(normalize_saved(saved)), _flatten(current)
+    old, new = _flatten(normalize_saved(saved, source)), _flatten(current)
     out = []
     for key in sorted(set(old) | set(new)):
         if _fixed(key) and key not in allow and old.get(key) != new.get(key):

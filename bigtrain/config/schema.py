@@ -176,6 +176,9 @@ class OptimConfig:
         "a parameter matching none gets no decay), e.g. ['head\\..*weight=100', '.*weight=1']; decay = "
         "optim.weight_decay x MULT. [] = the groups above.")
     momentum_dtype: Literal["bfloat16", "float32"] = doc("bfloat16", "factored: storage dtype of the momentum.")
+    momentum_decay: Literal["momentum_dtype", "float32"] = doc(
+        "momentum_dtype", "factored: arithmetic of beta1 * m. momentum_dtype = big_vision's (JAX rounds beta1 and the "
+        "product to the bf16 state's dtype: 0.9 acts as 0.8984375); float32 = exact beta1 in fp32.")
     min_dim_size_to_factor: int = doc(
         32, "factored: factor the second moment of tensors whose second-largest dim is at least this.", gt=0)
     beta2_cap: float = doc(0.999, "factored: beta2(t) = min(beta2_cap, 1 - t^-beta2_decay_rate).", gt=0, le=1)
@@ -418,13 +421,13 @@ class Config:
             raise ConfigError(f"task={self.task} distills from a teacher: set the teacher section (e.g. "
                               "teacher.family=llama teacher.pretrained=DIR, an HF directory or a bigtrain checkpoint) "
                               "or distill.logits (its stored top-k logits)")
-        if self.distill.logits:
-            self._validate_stored_logits(family, uses_teacher)
         if uses_teacher and self.parallel.pp > 1:
             raise ConfigError(f"task={self.task} runs a teacher beside the student, which the pipeline schedules do not "
                               f"carry: parallel.pp must be 1 (got {self.parallel.pp}); use dp / ZeRO / tp")
         if family.validate is not None:
             family.validate(self)
+        if self.distill.logits:  # after the family filled its derived sizes (e.g. the vocabulary)
+            self._validate_stored_logits(family, uses_teacher)
         self._validate_rest()
 
     def _validate_stored_logits(self, family: Any, uses_teacher: bool) -> None:
@@ -445,6 +448,10 @@ class Config:
             raise ConfigError(str(exc)) from None
         needed = self.train.steps * self.train.global_batch_size
         items = family.sample_unit(self.model)[1]
+        classes = getattr(self.model, "vocab_size", 0) or getattr(self.model, "num_classes", 0)  # the output width
+        if classes and meta.vocab != classes:
+            raise ConfigError(f"distill.logits={d.logits} stores logits over {meta.vocab} classes, the student "
+                              f"predicts {classes}: the store is for another model")
         for what, stored, here in (("temperature", meta.temperature, d.temperature), ("data seed", meta.seed,
                                    self.train.seed), ("targets per sample", meta.items, items)):
             if stored != here:

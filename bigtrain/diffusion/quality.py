@@ -84,16 +84,12 @@ class SampleScorer:
     """A classifier checkpoint, loaded whole into this process, that scores samples."""
 
     def __init__(self, checkpoint: str, image_size: int, channels: int, device: torch.device) -> None:
-        from bigtrain.config import ConfigError, load_saved_config
-        from bigtrain.checkpoint import CONFIG_FILE
+        from bigtrain.checkpoint import open_saved_config
+        from bigtrain.config import ConfigError
         from bigtrain.export import load_model_state
         from bigtrain.recipes import build_model
 
-        config = os.path.join(checkpoint, CONFIG_FILE)
-        if not os.path.isfile(config):
-            raise ConfigError(f"config key 'diffusion.eval_classifier': {checkpoint} is not a bigtrain checkpoint "
-                              f"(no {CONFIG_FILE})")
-        cfg = load_saved_config(config)
+        cfg = open_saved_config(checkpoint, "diffusion.eval_classifier")
         if (cfg.data.image_size, cfg.data.channels) != (image_size, channels):
             raise ConfigError(f"config key 'diffusion.eval_classifier': {checkpoint} classifies {cfg.data.channels}x"
                               f"{cfg.data.image_size}px images, the samples are {channels}x{image_size}px")

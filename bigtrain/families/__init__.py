@@ -13,7 +13,11 @@ Where families come from, in the order a name is looked up:
 * the ``bigtrain.families`` entry-point group of installed packages
   (``[project.entry-points."bigtrain.families"] mlp = "mypkg.family:FAMILY"``; the entry point
   is named like the family);
-* ``model.family: "package.module:ATTRIBUTE"`` — imported on use, in every rank.
+* ``model.family: "package.module:ATTRIBUTE"`` — imported on use, in every rank, when the *user's*
+  config or command line names it. A config that came with a checkpoint (read inside
+  :func:`reading_saved_config`) may name such a family only if the user named the same reference
+  in this process or trusted it explicitly (:func:`trust_family`, ``--trust-family``): a checkpoint
+  is data, and importing a module it names would run whatever code sits under that name.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import importlib
 import logging
 import os
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +60,12 @@ class Pretrained:
 
 def saved_model_section(path: str, family: str, key: str = "model.pretrained") -> Any:
     """The ``model`` section a bigtrain checkpoint was trained with; refused unless of ``family``."""
-    from bigtrain.checkpoint import CONFIG_FILE
-    from bigtrain.config import load_saved_config
+    from bigtrain.checkpoint import CheckpointError, open_saved_config
 
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise ConfigError(f"config key '{key}': {path} is not a bigtrain checkpoint (no {CONFIG_FILE})")
-    section = load_saved_config(os.path.join(path, CONFIG_FILE)).model
+    try:
+        section = open_saved_config(path, key).model
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     if section.family != family:
         raise ConfigError(f"config key '{key}': {path} holds a model.family={section.family} model, not a {family} one")
     return section
@@ -179,6 +185,41 @@ class Family:
 
 _REGISTRY: dict[str, Family] = {}
 _SCANNED = {"builtin": False, "entry_points": False}
+# 'module:ATTRIBUTE' references the user named (config, command line, --trust-family) in this process
+_TRUSTED_REFS: set[str] = set()
+# the file being read while a saved (untrusted) config is parsed; None = the user's own config
+_SAVED_SOURCE: ContextVar[str | None] = ContextVar("bigtrain_saved_config_source", default=None)
+
+
+def trust_family(ref: str) -> None:
+    """Allow saved configs (checkpoints) to name the family ``module:ATTRIBUTE`` in this process."""
+    _TRUSTED_REFS.add(ref)
+
+
+def add_trust_argument(parser: Any) -> None:
+    """``--trust-family MODULE:ATTRIBUTE`` (repeatable) for commands that rebuild a checkpoint's model."""
+    parser.add_argument("--trust-family", action="append", default=[], metavar="MODULE:ATTRIBUTE",
+                        help="a family the checkpoint names by module that may be imported (its code runs); "
+                             "without it such a checkpoint is refused")
+
+
+def apply_trust_argument(args: Any) -> None:
+    for ref in args.trust_family:
+        if ":" not in ref:
+            raise ConfigError(f"--trust-family {ref!r}: expected 'package.module:ATTRIBUTE'")
+        trust_family(ref)
+
+
+@contextmanager
+def reading_saved_config(source: str) -> Iterator[None]:
+    """While parsing a config that came with a checkpoint (``source``: its file), family references
+    of the ``module:ATTRIBUTE`` form are refused unless the user trusted them: nothing is imported
+    because a file of a checkpoint says so."""
+    token = _SAVED_SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SAVED_SOURCE.reset(token)
 
 
 def register_family(family: Family, replace: bool = False) -> Family:
@@ -231,7 +272,13 @@ def _check_loaded(obj: Any, where: str) -> Family:
     return obj
 
 
-def _import_family(ref: str) -> Family:
+def _import_family(ref: str, key: str) -> Family:
+    source = _SAVED_SOURCE.get()
+    if source is not None and ref not in _TRUSTED_REFS:
+        raise ConfigError(f"{source}: config key '{key}' names the family {ref!r} by module, and bigtrain does not "
+                          f"import code named by a checkpoint's files; if you trust that module, name it yourself "
+                          f"({key}={ref} on the command line) or pass --trust-family {ref}")
+    _TRUSTED_REFS.add(ref)  # named by the user: a checkpoint saved by this run may name it again
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -263,7 +310,7 @@ def get_family(ref: str, key: str = "model.family") -> Family:
     """The family a config names: a registered name or ``module:attribute``; a clear ConfigError
     listing the valid names otherwise."""
     if ":" in ref:
-        return _import_family(ref)
+        return _import_family(ref, key)
     if ref not in _REGISTRY:
         _scan_builtin()
     if ref not in _REGISTRY:
@@ -308,5 +355,5 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
             setattr(section, name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
-__all__ = ["EvalContext", "Family", "Pretrained", "all_families", "apply_preset", "checkpoint_source", "family_names",
-           "find_command", "get_family", "register_family", "saved_model_section"]
+__all__ = ["EvalContext", "Family", "Pretrained", "add_trust_argument", "all_families", "apply_trust_argument", "apply_preset", "checkpoint_source", "family_names",
+           "find_command", "get_family", "reading_saved_config", "register_family", "saved_model_section", "trust_family"]

@@ -159,7 +159,8 @@ def _build_factored(groups: list[dict[str, Any]], cfg: OptimConfig, model: nn.Mo
         g["base_lr"] = cfg.lr * g.get("lr_mult", 1.0)  # s_t = lr_t / base_lr scales the absolute weight decay
     opt = Factored(groups, lr=cfg.lr, beta1=cfg.beta1, min_dim_size_to_factor=cfg.min_dim_size_to_factor,
                    decay_rate=cfg.beta2_decay_rate, beta2_cap=cfg.beta2_cap, clip_threshold=cfg.update_clip,
-                   momentum_dtype=getattr(torch, cfg.momentum_dtype))
+                   momentum_dtype=getattr(torch, cfg.momentum_dtype),
+                   decay_in_momentum_dtype=cfg.momentum_decay == "momentum_dtype")
     if cfg.wd_mults:
         rules = parse_wd_mults(cfg.wd_mults)
         for g in groups:

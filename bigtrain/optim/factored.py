@@ -10,8 +10,12 @@ Per parameter, with t = 1, 2, ... and G2 = g^2 + 1e-30:
   u = g * (row / mean_d1(row))^-1/2 * col^-1/2 (row broadcast along d0, col along d1);
   otherwise an elementwise EMA v of G2 and u = g * v^-1/2;
 * optional update clipping: u / max(1, RMS(u) / ``clip_threshold``) (off by default, as for ViT-g);
-* momentum: m = beta1 * m + (1 - beta1) * u, an EMA without debiasing, computed in fp32 and stored
-  in ``momentum_dtype`` (bf16 by default); the fp32 m is the update;
+* momentum: m = beta1 * m + (1 - beta1) * u, an EMA without debiasing, stored in ``momentum_dtype``
+  (bf16 by default); the unrounded m is the update. With ``decay_in_momentum_dtype`` (the default)
+  the term beta1 * m is computed as JAX computes it in big_vision (optax's ``ema`` multiplies the
+  bf16 state by the weakly typed Python float): beta1 rounded to bf16 (0.9 -> 0.8984375), the product
+  rounded to bf16, then added to the fp32 (1 - beta1) * u. Without it, beta1 * m is exact fp32 (the
+  EMA then decays at 0.9 as written; the stored momentum of big_vision's is ~1.5% smaller);
 * parameter update: p <- p - lr_t * m - s_t * wd * p, with lr_t = the group's scheduled LR and
   s_t = lr_t / its base LR (the schedule's relative factor): weight decay is decoupled and absolute,
   scaled by the schedule, not by the base LR — as big_vision applies it.
@@ -89,13 +93,14 @@ class Factored(KeepStateDtypes, torch.optim.Optimizer):
     def __init__(
         self, params: Iterable[Any], lr: float = 1e-3, beta1: float = 0.9, min_dim_size_to_factor: int = 32,
         decay_rate: float = 0.8, beta2_cap: float = 0.999, clip_threshold: float = 0.0,
-        momentum_dtype: torch.dtype = torch.bfloat16, weight_decay: float = 0.0,
+        momentum_dtype: torch.dtype = torch.bfloat16, weight_decay: float = 0.0, decay_in_momentum_dtype: bool = True,
     ) -> None:
         defaults = {"lr": lr, "base_lr": lr, "beta1": beta1, "min_dim": min_dim_size_to_factor, "decay_rate": decay_rate,
                     "beta2_cap": beta2_cap, "clip_threshold": clip_threshold, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         # not in the param groups: they are saved in checkpoints, where only plain numbers belong
         self.momentum_dtype = momentum_dtype
+        self.decay_in_momentum_dtype = decay_in_momentum_dtype
         self.param_wd: dict[torch.Tensor, float] = {}
 
     # --- state ---------------------------------------------------------------------------
@@ -149,8 +154,12 @@ class Factored(KeepStateDtypes, torch.optim.Optimizer):
                 u.div_(scales[i])
             if group["beta1"] > 0:
                 m = _local(state["m"])
-                u = m.float().mul_(group["beta1"]).add_(u, alpha=1.0 - group["beta1"])
-                m.copy_(u)  # stored rounded to the momentum dtype; the fp32 value is the update
+                if self.decay_in_momentum_dtype:  # JAX's promotion: bf16 state * weak float stays bf16
+                    decayed = m.mul(torch.tensor(group["beta1"], dtype=m.dtype, device=m.device)).float()
+                else:
+                    decayed = m.float().mul_(group["beta1"])
+                u = decayed.add_(u, alpha=1.0 - group["beta1"])
+                m.copy_(u)  # stored rounded to the momentum dtype; the unrounded value is the update
             lr = group["lr"]
             wd = self.param_wd.get(p, group["weight_decay"])
             relative = lr / group["base_lr"] if group["base_lr"] else 0.0

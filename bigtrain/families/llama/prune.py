@@ -209,6 +209,12 @@ def apply_plan(model: CausalLM, plan: Plan) -> CausalLM:
         for gu in ("gate_proj", "up_proj"):  # the same neurons for both halves of SwiGLU
             state[f"layers.{new}.mlp.{gu}.weight"] = cols(rows(big[p + f"mlp.{gu}.weight"], f), ch)
         state[f"layers.{new}.mlp.down_proj.weight"] = rows(cols(big[p + "mlp.down_proj.weight"], f), ch)
+        # Llama's attention_bias / mlp_bias: each bias follows its layer's output rows (residual
+        # channels for the projections back into the stream, kept neurons for gate/up)
+        for name, idx in (("self_attn.o_proj.bias", ch), ("mlp.gate_proj.bias", f), ("mlp.up_proj.bias", f),
+                          ("mlp.down_proj.bias", ch)):
+            if p + name in big:
+                state[f"layers.{new}.{name}"] = big[p + name][idx]
     small.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False, assign=True)
     small.retie()
     small.reset_buffers(torch.device("cpu"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from bigtrain.families.llama.prune import (
     make_plan,
 )
 from bigtrain.models.causal_lm import CausalLM
+from bigtrain.outputs import atomic_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -105,10 +107,16 @@ def candidates(c: Any, budget: int) -> list[tuple[int, int, int, int]]:
     return sorted(found, key=lambda s: -shape_params(c, *s))[:8]
 
 
-def main(argv: list[str]) -> int:
+def _own_output(path: str) -> bool:
+    """A complete earlier ``bigtrain prune`` output: its report (written last) and the HF files."""
+    return all(os.path.isfile(os.path.join(path, n)) for n in ("prune_report.json", "config.json", "model.safetensors"))
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bigtrain prune", description=__doc__.split("\n\n")[0])
     p.add_argument("src")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the pruned HF directory (new, empty, or an earlier prune output)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out that is not an earlier prune output")
     p.add_argument("--hidden", type=int, help="residual width (embedding channels) to keep")
     p.add_argument("--ffn", type=int, help="MLP neurons per layer to keep")
     p.add_argument("--heads", type=int, help="query heads per layer to keep (a multiple of the KV heads)")
@@ -123,6 +131,51 @@ def main(argv: list[str]) -> int:
                    help="rank layers by 1 - cos(input, output) (one pass) or by the calibration loss increase when "
                         "the layer alone is dropped (one pass per layer)")
     args = p.parse_args(argv)
+    from bigtrain.outputs import check_output
+
+    for flag in ("hidden", "ffn", "heads", "layers"):  # 0 would otherwise read as "keep all"
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} {value}: must be at least 1 (leave it out to keep the source's size)")
+    if args.params is not None and not (math.isfinite(args.params) and args.params >= 1):
+        raise ConfigError(f"--params {args.params}: must be a finite parameter count >= 1")
+    for flag, value in (("--calib-samples", args.calib_samples), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1")
+    if args.data and not os.path.isdir(args.data):
+        raise ConfigError(f"--data {args.data}: no such directory of token shards")
+    check_output(args.out, "--out", "dir", force=args.force, sources=(args.src, *([args.data] if args.data else [])),
+                 own=_own_output)
+    return args
+
+
+def read_scores(path: str, model: CausalLM) -> Importance:
+    """``--scores``: an importance.json written by prune for a model of this shape, finite throughout."""
+    c = model.config
+    shapes = {"heads": (c.num_hidden_layers, c.num_attention_heads), "neurons": (c.num_hidden_layers, c.intermediate_size),
+              "channels": (c.hidden_size,), "layers": (c.num_hidden_layers,)}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        tensors = {k: torch.tensor(raw[k], dtype=torch.float64) for k in shapes}
+        samples, metric = raw.get("samples", 0), raw.get("layer_metric", "cosine")
+    except FileNotFoundError:
+        raise ConfigError(f"--scores {path}: no such file") from None
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"--scores {path}: not an importance.json of bigtrain prune ({type(exc).__name__}: {exc})") from None
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ConfigError(f"--scores {path}: '{key}' has shape {tuple(tensors[key].shape)}, this SRC needs {shape} "
+                              "(scores of another model)")
+        if not torch.isfinite(tensors[key]).all():
+            raise ConfigError(f"--scores {path}: '{key}' holds non-finite values")
+    if not isinstance(samples, int) or metric not in ("cosine", "loss"):
+        raise ConfigError(f"--scores {path}: malformed 'samples' or 'layer_metric'")
+    return Importance(*(tensors[k].float() for k in shapes), samples, metric)
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
     t0 = time.monotonic()
     model = load_source(args.src)
     c = model.config
@@ -140,11 +193,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--hidden {shape[0]}: a Llama config needs the width divisible by the {shape[2]} query heads "
                           f"(transformers checks it even with an explicit head_dim); e.g. --hidden "
                           f"{shape[0] // shape[2] * shape[2]} or {-(-shape[0] // shape[2]) * shape[2]}")
+    given = read_scores(args.scores, model) if args.scores else None
     batches = calibration(args.src, args.data, args.calib_samples, args.seq_len, c.vocab_size)
-    if args.scores:
-        raw = json.loads(open(args.scores).read())
-        imp = Importance(*(torch.tensor(raw[k]) for k in ("heads", "neurons", "channels", "layers")), raw["samples"],
-                         raw.get("layer_metric", "cosine"))
+    if given is not None:
+        imp = given
     else:
         imp = estimate_importance(model, batches)
         if args.layer_importance == "loss":
@@ -163,10 +215,6 @@ def main(argv: list[str]) -> int:
         best = min(tried, key=lambda t: t["calib_loss"])
         shape = (best["hidden"], best["ffn"], best["heads"], best["layers"])
     small = apply_plan(model, make_plan(imp, c, *shape))
-    small.to_hf().save_pretrained(args.out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(args.src, name)):
-            shutil.copy(os.path.join(args.src, name), args.out)
     report = {
         "source": args.src, "calib_samples": imp.samples,
         "before": {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.num_attention_heads,
@@ -178,10 +226,15 @@ def main(argv: list[str]) -> int:
         "kept_layers": make_plan(imp, c, *shape).layers, "layer_importance": imp.layer_metric, "candidates": tried,
         "seconds": round(time.monotonic() - t0, 1),
     }
-    with open(os.path.join(args.out, "prune_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "importance.json"), "w") as f:
-        json.dump(imp.to_dict(), f)
+    with atomic_output(args.out, "dir") as tmp:  # built aside and renamed: a killed prune leaves nothing that loads
+        small.to_hf().save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(args.src, name)):
+                shutil.copyfile(os.path.join(args.src, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, "importance.json"), "w") as f:
+            json.dump(imp.to_dict(), f)
+        with open(os.path.join(tmp, "prune_report.json"), "w") as f:  # last: it marks a complete output
+            json.dump(report, f, indent=1)
     b, a = report["before"], report["after"]
     print(f"pruned {args.src} -> {args.out}: {b['params']:,} -> {a['params']:,} parameters; hidden {b['hidden']}->"
           f"{a['hidden']}, ffn {b['ffn']}->{a['ffn']}, heads {b['heads']}->{a['heads']}, layers {b['layers']}->"
