@@ -47,6 +47,67 @@ def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Modu
     return model.to(device).eval(), cfg, used
 
 
+MAX_SAMPLES = 1_000_000  # a grid of more is a typo, not a picture (the score needs far fewer)
+
+
+def own_grid(path: str) -> bool:
+    """An earlier grid of this command: a PNG whose text chunk names bigtrain sample."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software", "").startswith("bigtrain sample")
+    except (OSError, UnidentifiedImageError):
+        return False
+
+
+def _check_args(args: argparse.Namespace) -> torch.device:
+    """Everything that can be checked before the checkpoint is read; the device to sample on."""
+    import math
+
+    from bigtrain.outputs import check_output
+
+    for flag, value, low in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    if args.n > MAX_SAMPLES:
+        raise ConfigError(f"--n {args.n}: at most {MAX_SAMPLES:,} samples per command")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise ConfigError(f"--cfg {args.cfg}: the guidance scale must be a finite number >= 0")
+    if args.labels and not all(c.strip().lstrip("-").isdigit() for c in args.labels.split(",")):
+        raise ConfigError(f"--labels {args.labels!r}: expected comma-separated class numbers, e.g. 0,3,7")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {args.device}: bigtrain samples on cpu or cuda")
+    check_output(args.out, "--out", "file", force=args.force, sources=(args.checkpoint, args.classifier), own=own_grid)
+    if not args.out.lower().endswith(".png"):
+        raise ConfigError(f"--out {args.out}: the grid is written as a .png file")
+    return device
+
+
+def _check_against_model(args: argparse.Namespace, d: object, null: int | None) -> None:
+    """The arguments the checkpoint's model and objective decide: sampler, steps, classes."""
+    objective, timesteps = getattr(d, "objective"), getattr(d, "timesteps")
+    sampler = args.sampler if args.sampler != "auto" else ("euler" if objective == "flow" else "ddim")
+    fits = {"euler": objective == "flow"}.get(sampler, objective != "flow")
+    if not fits:
+        raise ConfigError(f"--sampler {sampler}: the model was trained with diffusion.objective={objective}; use "
+                          f"{'euler' if objective == 'flow' else 'ddim or ddpm'} (or auto)")
+    if objective != "flow" and args.steps > timesteps:
+        raise ConfigError(f"--steps {args.steps}: the model has {timesteps} diffusion timesteps; use at most that")
+    if args.labels:
+        if null is None:
+            raise ConfigError("--labels: the model is unconditional")
+        classes = [int(c) for c in args.labels.split(",")]
+        if any(not 0 <= c < null for c in classes):
+            raise ConfigError(f"--labels: classes must be in [0, {null})")
+
+
 def main(argv: list[str]) -> int:
     from bigtrain.families import add_trust_argument, apply_trust_argument
 
@@ -65,24 +126,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--classifier", default="", help="a classifier checkpoint of the data: score the samples")
     ap.add_argument("--batch", type=int, default=256, help="samples per forward")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", required=True, help="the grid picture (.png)")
+    ap.add_argument("--out", required=True, help="the grid picture (.png); an existing file only if it is an earlier "
+                                                 "grid of bigtrain sample, or with --force")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out that is not an earlier grid")
     add_trust_argument(ap)
     args = ap.parse_args(argv)
     apply_trust_argument(args)
-    if args.n < 1 or args.steps < 1 or args.batch < 1:
-        raise ConfigError("--n, --steps and --batch must be at least 1")
-    device = torch.device(args.device)
+    device = _check_args(args)
     model, cfg, used = _model(args.checkpoint, args.weights, device)
     from bigtrain.families.image_diffusion import diffusion_spec, latent_codec
 
-    codec = latent_codec(cfg, device)
     d, null = cfg.diffusion, model.null_class
+    _check_against_model(args, d, null)
+    scorer = SampleScorer(args.classifier, cfg.data.image_size, cfg.data.channels, torch.device("cpu")) \
+        if args.classifier else None  # before the sampling: a bad classifier is found in seconds, not after it
+    codec = latent_codec(cfg, device)
     if args.labels:
-        if null is None:
-            raise ConfigError("--labels: the model is unconditional")
         classes = [int(c) for c in args.labels.split(",")]
-        if any(not 0 <= c < null for c in classes):
-            raise ConfigError(f"--labels: classes must be in [0, {null})")
         cols = max(1, args.n // len(classes))
         labels, rows = torch.tensor(classes).repeat_interleave(cols), len(classes)
     else:
@@ -100,11 +160,10 @@ def main(argv: list[str]) -> int:
     pixels = to_pixels(x, cfg.data.mean, cfg.data.std)
     result = {"out": save_grid(pixels, rows, args.out), "samples": len(labels), "weights": used, "steps": args.steps,
               "cfg": args.cfg, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 2)}
-    if args.classifier:
+    if scorer is not None:
         from bigtrain.recipes import load_splits
         from data_pipeline import NoisedImageDataset, sequential_batches
 
-        scorer = SampleScorer(args.classifier, cfg.data.image_size, cfg.data.channels, torch.device("cpu"))
         _, eval_split = load_splits(cfg)
         real = []
         for b in sequential_batches(eval_split, None, 256, make_dataset=lambda split, order: NoisedImageDataset(

@@ -87,7 +87,11 @@ def load_tokenizer(path: str) -> TextTokenizer:
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise DataError(f"no tokenizer.json at {path}")
-    return _wrap(Tokenizer.from_file(file), file)
+    try:
+        tokenizer = Tokenizer.from_file(file)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for bad files
+        raise DataError(f"{file}: not a tokenizers tokenizer.json ({str(exc).splitlines()[0][:200]})") from None
+    return _wrap(tokenizer, file)
 
 
 def stdlib_files(max_bytes: int) -> list[str]:

@@ -187,3 +187,156 @@ def test_prune_command_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bigtrain", "prune", str(llama), "--out", str(tmp_path / "f"),
                            "--hidden", "50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "e.g. --hidden 48 or 52" in proc.stderr, proc.stderr[-2000:]
+
+
+def _prune_cli(src: Path, *args: str) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "bigtrain", "prune", str(src), "--calib-samples", "8", "--seq-len", "32",
+                           *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _refused(proc, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _refused_in_process(capsys: pytest.CaptureFixture, src: Path, needle: str, *args: str) -> None:
+    """The CLI's own entry (``bigtrain.cli._main``, which maps errors to exit codes) in this process:
+    the same one-line, exit-2 contract as a subprocess, without a torch import per probe. An
+    exception other than the documented ones would escape and fail the test."""
+    from bigtrain.cli import _main
+
+    capsys.readouterr()
+    rc = _main(["prune", str(src), "--calib-samples", "8", "--seq-len", "32", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err and err[-1].startswith("error: ") and needle in err[-1], (rc, err[-3:])
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("prune_src") / "src"
+    _model().to_hf().save_pretrained(src)
+    return src
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_prune_never_writes_over_its_source_or_a_users_files(hf_src: Path, tmp_path: Path) -> None:
+    before = _tree(hf_src)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    other = tmp_path / "ckpt"
+    other.mkdir()
+    (other / "config.yaml").write_text("model: {}")
+    _refused(_prune_cli(hf_src, "--out", str(hf_src), "--layers", "3"), "overlaps the input")
+    _refused(_prune_cli(hf_src, "--out", str(hf_src / "sub"), "--layers", "3"), "overlaps the input")
+    _refused(_prune_cli(hf_src, "--out", str(mine), "--layers", "3"), "is an existing file")
+    _refused(_prune_cli(hf_src, "--out", str(other), "--layers", "3"), "not this command's own earlier output")
+    assert _tree(hf_src) == before and mine.read_text() == "mine" and _tree(other) == {"config.yaml": b"model: {}"}
+    out = tmp_path / "pruned"
+    for _ in range(2):  # its own complete earlier output is replaced
+        proc = _prune_cli(hf_src, "--out", str(out), "--layers", "3")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes.txt", "pruned"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ffn", "0"], "--ffn 0: must be at least 1"), (["--hidden", "0"], "--hidden 0"), (["--heads", "0"], "--heads 0"),
+    (["--layers", "0"], "--layers 0"), (["--params", "nan"], "--params nan"), (["--params", "inf"], "--params inf"),
+    (["--calib-samples", "0"], "--calib-samples 0"), (["--calib-samples", "-1"], "--calib-samples -1"),
+    (["--seq-len", "0"], "--seq-len 0"),
+])
+def test_prune_arguments_are_checked_before_work(args: list[str], needle: str, hf_src: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    _refused_in_process(capsys, hf_src, needle, "--out", str(tmp_path / "out"), *args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_prune_scores_of_another_model_or_garbage_are_refused(hf_src: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"heads": [[1.0] * 4] * 2, "neurons": [[1.0] * 96] * 4, "channels": [1.0] * 64,
+                                 "layers": [1.0] * 4}))
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps({"heads": [[1.0] * 4] * 4, "neurons": [[1.0] * 96] * 4, "channels": [float("nan")] * 64,
+                               "layers": [1.0] * 4}))
+    missing = tmp_path / "missing.json"
+    missing.write_text("{}")
+    for path, needle in ((garbage, "not an importance.json"), (other, "scores of another model"),
+                         (nan, "non-finite"), (missing, "not an importance.json")):
+        _refused_in_process(capsys, hf_src, needle, "--out", str(tmp_path / "out"), "--layers", "3", "--scores", str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def _broken_copy(src: Path, dest: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    edit(dest)
+    return dest
+
+
+def _config_edit(**fields):
+    import json
+
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(fields)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _write(name: str, data: bytes):
+    def edit(d: Path) -> None:
+        (d / name).unlink(missing_ok=True)
+        (d / name).write_bytes(data)
+    return edit
+
+
+def _symlink_weights(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to("/etc/passwd")
+
+
+def _truncate_weights(d: Path) -> None:
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (_config_edit(hidden_size="64"), "'hidden_size' must be an integer"),
+    (_config_edit(hidden_size=-64), "'hidden_size' must be an integer"),
+    (_config_edit(hidden_size=64.5), "'hidden_size' must be an integer"),
+    (_config_edit(num_attention_heads=0), "'num_attention_heads' must be an integer"),
+    (_config_edit(head_dim=0), "'head_dim' must be an integer"),
+    (_config_edit(rope_scaling={"type": "weird"}), "rope_scaling type 'weird' is unknown"),
+    (_config_edit(num_hidden_layers=1000000), "'num_hidden_layers' must be an integer between 1 and 4096"),
+    (_config_edit(auto_map={"AutoModelForCausalLM": "modeling.Evil"}), "custom modelling code"),
+    (_write("config.json", b"[1, 2]"), "expected a JSON object, got list"),
+    (_write("config.json", b"null"), "expected a JSON object, got NoneType"),
+    (_write("model.safetensors", b"\xff" * 8 + b"{}"), "not a safetensors file"),
+    (_write("model.safetensors", (64).to_bytes(8, "little") + b"garbage" * 10), "not a safetensors file"),
+    (_truncate_weights, "do not fit its shape or the file"),
+    (_symlink_weights, "links outside"),
+    (_write("model.safetensors.index.json", b"{garbage"), "model.safetensors.index.json: unreadable"),
+    (_write("tokenizer.json", b"{garbage"), "not a tokenizers tokenizer.json"),
+])
+@pytest.mark.filterwarnings("ignore")
+def test_hostile_or_broken_hugging_face_directories_are_one_line_errors(edit, needle: str, hf_src: Path,
+                                                                         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _broken_copy(hf_src, tmp_path / "src", edit)
+    _refused_in_process(capsys, src, needle, "--out", str(tmp_path / "out"), "--layers", "3")
+    assert not (tmp_path / "out").exists()

@@ -156,3 +156,88 @@ def test_students_train_from_the_store(kind: str, lm: dict, vit: dict, tmp_path:
     assert len(train) == (4 if kind == "lm" else 6) and all(np.isfinite(r["kd"]) for r in train)
     assert "pretrained from" not in proc.stderr  # the teacher was never built
     assert "activations not estimated" not in proc.stderr  # the memory check profiles the stored-target path
+
+
+def _copy_store(src: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in os.listdir(src):
+        (dest / f).write_bytes((src / f).read_bytes())
+    return dest
+
+
+def _edit_meta(store: Path, **fields: object) -> None:
+    meta = json.loads((store / "logits.json").read_text())
+    meta.update(fields)
+    (store / "logits.json").write_text(json.dumps(meta))
+
+
+def _student(lm: dict, store: Path, run: Path) -> subprocess.CompletedProcess:
+    student = [o for o in lm["overrides"] if not o.startswith("teacher.")] + [f"distill.logits={store}"]
+    return bigtrain("train", str(LM_CONFIG), *student, f"run.dir={run}", *QUIET)
+
+
+def _refused(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_flipped_byte_in_a_shard_is_refused_at_start_up(lm: dict, tmp_path: Path) -> None:
+    store = _copy_store(lm["store"], tmp_path / "store")
+    data = bytearray((store / "logits-000001.bin").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (store / "logits-000001.bin").write_bytes(bytes(data))
+    proc = _student(lm, store, tmp_path / "run")
+    _refused(proc, "logits-000001.bin fails its SHA-256 checksum")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or '"kind": "train"' not in (
+        tmp_path / "run" / "metrics.jsonl").read_text()  # not one update was made
+
+
+def test_records_no_teacher_could_write_are_refused_on_read(lm: dict, tmp_path: Path) -> None:
+    """Damage that passes the shard checksums (a store whose checksums were rewritten to match): ids
+    out of range or repeated, logits that make a top-k mass above 1, non-finite values."""
+    import hashlib
+
+    from data_pipeline import DataError
+    from data_pipeline.logits import StoredLogits, fields_digest, read_meta
+
+    for name, edit, message in (("ids", lambda r: r["idx"].__setitem__(slice(None), 0), "repeats a class id"),
+                                ("range", lambda r: r["idx"].__setitem__((slice(None), 0), 300), r"outside \[0, 257\)"),
+                                ("thirty", lambda r: r["val"].__setitem__(slice(None), 30), "summing to"),
+                                ("nan", lambda r: r["lse"].__setitem__(slice(None), np.nan), "non-finite")):
+        store = _copy_store(lm["store"], tmp_path / name)
+        meta = read_meta(str(store))
+        rec = np.memmap(store / "logits-000000.bin", dtype=meta.record, mode="r+")
+        edit(rec[2])
+        rec.flush()
+        del rec
+        entry = meta.shards[0]
+        entry["sha256"] = hashlib.sha256((store / "logits-000000.bin").read_bytes()).hexdigest()
+        _edit_meta(store, shards=meta.shards, fields_sha256=fields_digest(meta))
+        opened = StoredLogits(str(store))
+        assert opened.verify() == []  # the checksums agree: only the record checks can tell
+        r = opened.record(2)
+        with pytest.raises(DataError, match=message):
+            opened.targets(2, int(r["seed"]), int(r["sample"]))
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"samples_per_shard": 0}, "'samples_per_shard' must be an integer >= 1"),
+    ({"temperature": 4.0}, "fields were edited after the store was written"),
+    ({"sha256": 1}, "unknown field 'sha256'"),
+    ({"shards": [{"name": "../../etc/passwd", "bytes": 1, "sha256": "0" * 64}] * 3}, "shard entry 0 is malformed"),
+    ({"top_k": "5"}, "'top_k' must be an integer"),
+])
+def test_edited_or_malformed_store_metadata_is_refused_before_work(lm: dict, tmp_path: Path, fields: dict,
+                                                                   needle: str) -> None:
+    store = _copy_store(lm["store"], tmp_path / "store")
+    _edit_meta(store, **fields)
+    _refused(_student(lm, store, tmp_path / "run"), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_logits_arguments_are_checked_before_work(lm: dict, tmp_path: Path) -> None:
+    for flag, value in (("--samples-per-shard", "0"), ("--samples-per-shard", "-4"), ("--batch-size", "-3")):
+        proc = bigtrain("distill-logits", str(LM_CONFIG), *lm["overrides"], "--out", str(tmp_path / "s"), flag, value)
+        _refused(proc, flag)
+        assert not any(tmp_path.iterdir())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -29,18 +30,19 @@ def doc(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    lt: float | None = None,
     **kw: Any,
 ) -> Any:
     """A dataclass field that carries its documentation (shown by ``bigtrain config``) and,
     for numbers (or lists of numbers), the bounds every given value is checked against."""
-    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}}
+    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
-_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<="}
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
 def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
@@ -48,7 +50,7 @@ def _check_bounds(value: Any, bounds: dict[str, float], key: str) -> None:
         if not isinstance(item, (int, float)) or isinstance(item, bool):
             continue
         for kind, limit in bounds.items():
-            ok = {"ge": item >= limit, "gt": item > limit, "le": item <= limit}[kind]
+            ok = {"ge": item >= limit, "gt": item > limit, "le": item <= limit, "lt": item < limit}[kind]
             if not ok:
                 raise ConfigError(f"config key '{key}' must be {_BOUND_TEXT[kind]} {limit:g}, got {item!r}")
 
@@ -113,15 +115,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads '3e-4' (no dot) as a string; accept any float literal.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf / .nan pass every bound check and make a run meaningless
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

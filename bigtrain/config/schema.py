@@ -160,13 +160,13 @@ def _model_section(default_family: str) -> Any:
 class OptimConfig:
     name: str = doc("adamw", "Optimizer, by its registered name (built in: adamw, adamw8bit, factored, sgd; see bigtrain.optim.register_optimizer).")
     lr: float = doc(1e-3, "Peak learning rate.", ge=0)
-    beta1: float = doc(0.9, "Adam beta1 / SGD momentum (factored: its momentum's EMA rate).")
-    beta2: float = doc(0.999, "Adam beta2.")
+    beta1: float = doc(0.9, "Adam beta1 / SGD momentum (factored: its momentum's EMA rate).", ge=0, lt=1)
+    beta2: float = doc(0.999, "Adam beta2.", ge=0, lt=1)
     eps: float = doc(1e-8, "Adam epsilon.", gt=0)
     weight_decay: float = doc(
         1e-4, "Weight decay of body weights (not norms/biases/position embeddings). adamw/adamw8bit: decoupled, "
         "relative to the LR (p *= 1 - lr_t * wd, torch's convention); sgd: L2, added to the gradient (torch's SGD); factored: absolute, scaled by the schedule only "
-        "(p *= 1 - s_t * wd, s_t = lr_t / optim.lr; big_vision's convention: ViT-G uses 0.03 * lr).")
+        "(p *= 1 - s_t * wd, s_t = lr_t / optim.lr; big_vision's convention: ViT-G uses 0.03 * lr).", ge=0)
     head_weight_decay: float = doc(
         -1.0, "Decoupled weight decay of the classifier head (paper: much larger than body), in the optimizer's "
         "convention above; -1 = same as weight_decay. Ignored when optim.wd_mults is set."
@@ -290,7 +290,7 @@ class DiffusionConfig:
     schedule: Literal["linear", "cosine", "scaled_linear"] = doc(
         "linear", "ddpm betas: DDPM linear 1e-4..0.02 (rescaled by 1000/T), cosine (Nichol & Dhariwal), or "
         "scaled_linear (Stable Diffusion, sqrt-spaced 0.00085..0.012).")
-    timesteps: int = doc(1000, "ddpm: number of diffusion steps T.", gt=1)
+    timesteps: int = doc(1000, "ddpm: number of diffusion steps T.", gt=1, le=100_000)
     min_snr_gamma: float = doc(0.0, "ddpm: Min-SNR-gamma loss weights (5 is customary); 0 = unweighted MSE.", ge=0)
     flow_sigma: Literal["logit_normal", "uniform"] = doc(
         "logit_normal", "flow: how the noise level is drawn (SD3's logit-normal: sigmoid(N(mean, std))).")
@@ -470,8 +470,18 @@ class Config:
                 f"({s.warmup_steps}+{s.cooldown_steps}) exceed 'train.steps' ({t.steps})"
             )
         for name in t.preempt_signals:
-            if not name.startswith("SIG") or not hasattr(signal, name):
+            if name not in signal.Signals.__members__:
                 raise ConfigError(f"config key 'train.preempt_signals': {name!r} is not a signal name (e.g. SIGUSR1)")
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"config key 'train.preempt_signals': {name} cannot be caught, so it cannot ask for a "
+                                  "save; use SIGTERM, SIGUSR1 or SIGUSR2")
+        if self.optim.head_weight_decay < 0 and self.optim.head_weight_decay != -1:
+            raise ConfigError(f"config key 'optim.head_weight_decay' must be >= 0 or -1 (= optim.weight_decay), got "
+                              f"{self.optim.head_weight_decay}")
+        d = self.distill
+        if d.kd_weight == 0 and d.ce_weight == 0 and d.hidden_weight == 0 and self.teacher.family + d.logits:
+            raise ConfigError("config keys 'distill.kd_weight' and 'distill.ce_weight' are both 0: the objective would "
+                              "train nothing")
         if self.resume == "":
             raise ConfigError("config key 'resume' must be 'auto', 'never' or a checkpoint path")
         valid = set(all_keys(self))

@@ -10,6 +10,7 @@ eval images (FID's formula in that classifier's feature space: lower is closer t
 from __future__ import annotations
 
 import math
+import inspect
 import os
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,11 @@ def grid_image(images: torch.Tensor, rows: int, min_tile: int = 48) -> Image.Ima
 def save_grid(images: torch.Tensor, rows: int, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
-    grid_image(images, rows).save(tmp)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "bigtrain sample")  # marks the file as ours: a rerun may replace it
+    grid_image(images, rows).save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)  # a reader (the report) never sees half a picture
     return path
 
@@ -95,6 +100,9 @@ class SampleScorer:
                               f"{cfg.data.image_size}px images, the samples are {channels}x{image_size}px")
         with torch.device("meta"):
             model = build_model(cfg)
+        if "with_features" not in inspect.signature(model.forward).parameters:
+            raise ConfigError(f"config key 'diffusion.eval_classifier' / --classifier: {checkpoint} holds a "
+                              f"model.family={cfg.model.family} model, not an image classifier with features")
         model.load_state_dict(load_model_state(checkpoint, "auto"), strict=False, assign=True)
         if hasattr(model, "reset_buffers"):
             model.reset_buffers(torch.device("cpu"))

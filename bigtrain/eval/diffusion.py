@@ -47,7 +47,9 @@ class DiffusionEvaluator:
         self.codec = codec  # a LatentCodec for latent models
         scored = bool(self.d.eval_classifier and self.d.samples)
         self.best_metric = ("eval/sample_fd", False) if scored else ("eval/loss", False)
-        self.scorer: SampleScorer | None = None
+        # loaded now, before training: a missing or wrong classifier is found at start-up, not at the end
+        self.scorer: SampleScorer | None = SampleScorer(self.d.eval_classifier, spec.image_size, spec.channels,
+                                                        ctx.device) if self.d.eval_classifier else None
         self.reference: np.ndarray | None = None  # the classifier's features of the eval images
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:

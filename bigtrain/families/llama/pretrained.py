@@ -59,22 +59,25 @@ def read_hf_config(path: str, key: str = "model.pretrained") -> dict[str, Any]:
                           "nor a config.yaml (a bigtrain checkpoint)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config key '{key}': cannot read {cfg_file}: {exc}") from None
-    arch = (hf.get("architectures") or ["?"])[0]
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"config key '{key}': {cfg_file} is a {arch}; supported: {', '.join(ARCHITECTURES)}")
-    return hf
+    from bigtrain.families.llama.hf_checks import check_hf_config
+
+    try:
+        return check_hf_config(hf, cfg_file, ARCHITECTURES)
+    except ConfigError as exc:
+        raise ConfigError(f"config key '{key}': {exc}") from None
 
 
 def weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> the safetensors file holding it."""
+    from bigtrain.families.llama.hf_checks import check_weight_file, read_index
+
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
+        return read_index(path, index)
+    if os.path.lexists(os.path.join(path, "model.safetensors")):
         from safetensors import safe_open
 
+        single = check_weight_file(path, "model.safetensors", path)
         with safe_open(single, "pt") as f:
             return {k: single for k in f.keys()}
     hint = " (only pytorch_model.bin, a pickle, which is never loaded: convert it with save_pretrained(safe_serialization=True))" \
