@@ -44,10 +44,12 @@ commands:
   families                        list the model families (presets, tasks, data sources, commands)
   bench [NAME [args]]             list / run the benchmarks families registered
   config show CONFIG [key=value]  print the resolved config
-  export CKPT --format safetensors|hf --out PATH
+  export CKPT --format safetensors|hf --out PATH [--force] [--trust-family MODULE:ATTR]
                                   consolidate a sharded checkpoint into one model file (any world size)
-  sample CKPT --out grid.png [--n 64 --steps 50 --cfg 1.5 --seed 0 --classifier CKPT]
+  sample CKPT --out grid.png [--n 64 --steps 50 --cfg 1.5 --seed 0 --classifier CKPT] [--force]
                                   samples of a diffusion checkpoint (EMA weights by default) as a grid
+  (outputs are written atomically and never replace a file or directory the command did not write
+   unless --force; a checkpoint naming a module:ATTRIBUTE family needs --trust-family to be read)
   encode-latents CONFIG [key=value ...] --out DIR
                                   store a latent-diffusion config's VAE latents as shards (data.dir=DIR)
   distill-logits CONFIG [key=value ...] --out DIR [--top-k K]
@@ -70,21 +72,28 @@ def _split_args(argv: list[str], cmd: str) -> tuple[str, list[str]]:
     return argv[0], argv[1:]
 
 
-def cmd_train(argv: list[str]) -> int:
+def check_before_work(cfg: Config) -> None:
+    """What ``train`` checks beyond the config itself before any work, in one process (also run by
+    the launchers before anything is submitted): the optimizer exists, and a checkpoint named by
+    ``resume=`` / ``init=`` is complete, intact and (resume) fits the run."""
     from bigtrain.checkpoint import check_loadable
     from bigtrain.checkpoint.manager import check_resume_config
-    from bigtrain.distributed import ParallelState
-
     from bigtrain.optim import get_optimizer
 
-    path, overrides = _split_args(argv, "train")
-    cfg = load_config(path, overrides)  # all validation happens before any work
     get_optimizer(cfg.optim.name)  # the layout is checked against its capabilities once the degrees are known
     for key, ckpt in (("resume", cfg.resume), ("init", cfg.init)):  # a named checkpoint that cannot load fails now
         if ckpt and ckpt not in ("auto", "never"):
             _checked(key, ckpt, check_loadable)
     if cfg.resume not in ("auto", "never"):
         _checked("resume", cfg.resume, lambda p: check_resume_config(p, dump_yaml(cfg), cfg.resume_allow_changes))
+
+
+def cmd_train(argv: list[str]) -> int:
+    from bigtrain.distributed import ParallelState
+
+    path, overrides = _split_args(argv, "train")
+    cfg = load_config(path, overrides)  # all validation happens before any work
+    check_before_work(cfg)
     ps = ParallelState.create(cfg.parallel)  # validates the layout before initialising anything
     ended = False
     try:
@@ -176,6 +185,9 @@ def cmd_config(argv: list[str]) -> int:
     return EXIT_BAD_INPUT
 
 
+MAX_WORLD = 2**20  # ranks: beyond any cluster; a typo would otherwise plan a billion ranks
+
+
 def cmd_estimate(argv: list[str]) -> int:
     import argparse
 
@@ -191,8 +203,10 @@ def cmd_estimate(argv: list[str]) -> int:
                     help="cpu: ranks sharing this host's RAM for the fits/does-not-fit line (default: all)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = ap.parse_intermixed_args(argv)  # overrides may follow the options
-    if args.world_size < 1:
-        raise ConfigError(f"--world-size must be >= 1 (got {args.world_size})")
+    if not 1 <= args.world_size <= MAX_WORLD:
+        raise ConfigError(f"--world-size must be between 1 and {MAX_WORLD:,} (got {args.world_size})")
+    if args.ranks_per_node < 0:
+        raise ConfigError(f"--ranks-per-node must be >= 0 (got {args.ranks_per_node})")
     est = estimate(load_config(args.config, args.overrides), args.world_size, args.device)
     if args.device == "cpu":
         import torch

@@ -19,6 +19,7 @@ from the checkpoint's YAML.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -28,7 +29,6 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.api import CheckpointException
 
 from bigtrain.checkpoint import (
-    CONFIG_FILE,
     CheckpointError,
     CorruptCheckpoint,
     SafeFileSystemReader,
@@ -78,12 +78,31 @@ def has_ema(ckpt: str) -> bool:
     return any(k.startswith(EMA_PREFIX) for k in SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata)
 
 
+PRODUCER = "bigtrain export"  # recorded in what export writes: a rerun may replace its own output
+PROVENANCE = "bigtrain_export.json"  # in an exported HF directory
+
+
+def own_export(path: str) -> bool:
+    """An earlier output of this command: a safetensors file or HF directory that says so."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, PROVENANCE))
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("producer") == PRODUCER
+    except Exception:  # noqa: BLE001 - not a safetensors file at all: not ours
+        return False
+
+
 def export_safetensors(ckpt: str, out: str, weights: str = "auto") -> str:
     from safetensors.torch import save_file
 
+    from bigtrain.outputs import atomic_output
+
     state = {k: v.contiguous() for k, v in load_model_state(ckpt, weights).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(state, out, metadata={"format": "pt", "source": os.path.abspath(ckpt)})
+    with atomic_output(out, "file") as tmp:
+        save_file(state, tmp, metadata={"format": "pt", "source": os.path.abspath(ckpt), "producer": PRODUCER})
     return out
 
 
@@ -99,7 +118,12 @@ def export_hf(ckpt: str, out: str, weights: str = "auto") -> str:
     with torch.device("meta"):
         model = build_model(cfg)
     model.load_state_dict(load_model_state(ckpt, weights), strict=True, assign=True)
-    family.export_hf(model, out)
+    from bigtrain.outputs import atomic_output
+
+    with atomic_output(out, "dir") as tmp:
+        family.export_hf(model, tmp)
+        with open(os.path.join(tmp, PROVENANCE), "w") as f:
+            json.dump({"producer": PRODUCER, "source": os.path.abspath(ckpt), "weights": weights}, f, indent=1)
     return out
 
 
@@ -114,9 +138,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                     help="auto (default): the EMA weights when the checkpoint has an EMA (ema.decay > 0), else the "
                          "trained ones; model: always the trained weights; ema: the EMA (an error without one)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out that is not an earlier export")
     add_trust_argument(ap)
     args = ap.parse_args(argv)
     apply_trust_argument(args)
+    from bigtrain.outputs import check_output
+
+    check_output(args.out, "--out", "file" if args.format == "safetensors" else "dir", force=args.force,
+                 sources=(args.checkpoint,), own=own_export)
     export = export_safetensors if args.format == "safetensors" else export_hf
     path = export(args.checkpoint, args.out, args.weights)
     print(path)

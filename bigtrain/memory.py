@@ -210,6 +210,11 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     plan = plan_batches(cfg, dp, pp)
     spec = get_optimizer(cfg.optim.name)
     model, nblocks = _stage_model(cfg, pp)
+    family = get_family(cfg.model.family)
+    if family.check_layout is not None:  # what train would refuse for this tp, before any number
+        family.check_layout(model, cfg, tp)
+    elif tp > 1 and family.parallelize is None:
+        raise ConfigError(f"model.family={cfg.model.family} has no tensor-parallel plan: parallel.tp must be 1 (got {tp})")
     block_params = _block_params(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     local = {n: _local_numel(p, block_params, dp, tp, fsdp) for n, p in model.named_parameters()}
@@ -256,11 +261,15 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
 
 def _zero1_share(state: dict[str, int], dp: int) -> int:
     """The most loaded dp rank under bigtrain's ZeRO-1 partition (greedy by size, as DataParallel)."""
-    load = [0] * dp
+    if len(state) <= dp:  # every tensor lands on an empty rank (the greedy rule's first picks)
+        return max(state.values(), default=0)
+    import heapq
+
+    load = [(0, k) for k in range(dp)]  # (load, rank): the least loaded, lowest rank first, as the greedy rule
     for n in sorted(state, key=lambda k: -state[k]):
-        r = min(range(dp), key=lambda k: (load[k], k))
-        load[r] += state[n]
-    return max(load)
+        bytes_, rank = heapq.heappop(load)
+        heapq.heappush(load, (bytes_ + state[n], rank))
+    return max(b for b, _ in load)
 
 
 def _activations(cfg: Config, prof: ActivationProfile, nblocks: int, tp: int, pp: int, plan: Any) -> tuple[int, dict[str, Any]]:

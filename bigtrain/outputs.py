@@ -1,5 +1,5 @@
-"""Outputs of the commands (prune, export, sample, distill-logits): never over what a user owns, and
-never half-written.
+"""Outputs of the commands (prune, export, sample, distill-logits, encode-latents): never over what a
+user owns, and never half-written (plus the one argument they share, ``--device``).
 
 * **Checked before work.** An output may not overlap an input (the same path, or one inside the
   other); an existing file or a non-empty directory is refused unless it is the command's own
@@ -18,8 +18,12 @@ import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from bigtrain.config.core import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _PARTIAL = re.compile(r"\.partial-(?P<host>[^/]+)-(?P<pid>\d+)$")
 
@@ -130,4 +134,21 @@ def atomic_output(out: str, kind: str) -> Iterator[str]:
         raise
 
 
-__all__ = ["atomic_output", "check_output", "clean_partials", "overlaps", "partial_path", "publish"]
+def device_arg(value: str, flag: str = "--device") -> "torch.device":
+    """A command's ``--device`` value checked before work: a device bigtrain runs on, present here."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ConfigError(f"{flag} {value!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag} {value}: bigtrain runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {value}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+__all__ = ["atomic_output", "check_output", "clean_partials", "device_arg", "overlaps", "partial_path", "publish"]

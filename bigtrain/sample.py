@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -65,7 +64,7 @@ def _check_args(args: argparse.Namespace) -> torch.device:
     """Everything that can be checked before the checkpoint is read; the device to sample on."""
     import math
 
-    from bigtrain.outputs import check_output
+    from bigtrain.outputs import check_output, device_arg
 
     for flag, value, low in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1)):
         if value < low:
@@ -76,14 +75,7 @@ def _check_args(args: argparse.Namespace) -> torch.device:
         raise ConfigError(f"--cfg {args.cfg}: the guidance scale must be a finite number >= 0")
     if args.labels and not all(c.strip().lstrip("-").isdigit() for c in args.labels.split(",")):
         raise ConfigError(f"--labels {args.labels!r}: expected comma-separated class numbers, e.g. 0,3,7")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {args.device}: bigtrain samples on cpu or cuda")
+    device = device_arg(args.device)
     check_output(args.out, "--out", "file", force=args.force, sources=(args.checkpoint, args.classifier), own=own_grid)
     if not args.out.lower().endswith(".png"):
         raise ConfigError(f"--out {args.out}: the grid is written as a .png file")

@@ -60,11 +60,54 @@ def read_index(root: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             data = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is unreadable: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
+    check_index(data, path)
+    return data
+
+
+# the fields each split entry of our index may carry (the writers' metadata); anything else is a typo
+# or another tool's file, and would otherwise be ignored silently
+SPLIT_FIELDS = {"shards": list, "num_samples": int, "num_classes": int, "classes": list, "vocab_size": int,
+                "seq_len": int, "tokenizer": str, "token_bits": int, "latents": dict}
+
+
+def check_index(data: Any, path: str) -> None:
+    """Our index, field by field: a JSON object with the format and a mapping of splits, each with
+    its shards (names inside the data directory, non-negative counts) and known metadata."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
     if data.get("format") != INDEX_FORMAT:
         raise DataError(f"{path}: unknown index format {data.get('format')!r} (expected {INDEX_FORMAT!r})")
-    return data
+    unknown = sorted(set(data) - {"format", "splits"})
+    if unknown:
+        raise DataError(f"{path}: unknown field {unknown[0]!r}")
+    splits = data.get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: 'splits' must map split names to their shards")
+    for split, entry in splits.items():
+        where = f"{path}: split {split!r}"
+        if not isinstance(entry, dict) or "shards" not in entry:
+            raise DataError(f"{where} must be an object with 'shards'")
+        for key, value in entry.items():
+            kind = SPLIT_FIELDS.get(key)
+            if kind is None:
+                raise DataError(f"{where}: unknown field {key!r}")
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+                raise DataError(f"{where}: field {key!r} must be a {'non-negative integer' if kind is int else kind.__name__}")
+        for i, shard in enumerate(entry["shards"]):
+            ok = isinstance(shard, dict) and set(shard) == {"name", "num_samples"} and isinstance(shard["name"], str) \
+                and isinstance(shard["num_samples"], int) and not isinstance(shard["num_samples"], bool) \
+                and shard["num_samples"] >= 0
+            if not ok:
+                raise DataError(f"{where}: shard {i} must be {{name, num_samples >= 0}}, got {shard!r}"[:300])
+            if os.path.isabs(shard["name"]) or os.path.normpath(shard["name"]).startswith(".."):
+                raise DataError(f"{where}: shard {shard['name']!r} is outside the data directory")
+        total = sum(s["num_samples"] for s in entry["shards"])
+        if entry.get("num_samples", total) != total:
+            raise DataError(f"{where}: num_samples {entry['num_samples']} differs from its shards' sum {total}")
 
 
 def write_split_index(root: str, split: str, shards: list[ShardInfo], extra: dict[str, Any]) -> None:

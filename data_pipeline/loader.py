@@ -57,9 +57,18 @@ def decode_image(members: dict[str, bytes], spec: ImageSpec) -> np.ndarray:
         raise SampleError(f"no image member (have {sorted(members)})")
     try:
         img = Image.open(io.BytesIO(members[ext]))
+        size = (spec.image_size, spec.image_size)
+        if img.mode.startswith("I"):  # 16-bit (or integer) grey: scaled to [0, 1]; convert("L") would clip at 255
+            raw = np.asarray(img)
+            peak = 65535.0 if img.mode.startswith("I;16") or raw.max(initial=0) <= 65535 else float(2**32 - 1)
+            grey = Image.fromarray(raw.astype(np.float32) / peak, mode="F")
+            grey = grey.resize(size, Image.BICUBIC) if grey.size != size else grey
+            arr = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)
+            arr = arr if spec.channels == 1 else np.repeat(arr[:, :, None], 3, axis=2)
+            return arr[:, :, None] if arr.ndim == 2 else arr
         img = img.convert("L" if spec.channels == 1 else "RGB")
-        if img.size != (spec.image_size, spec.image_size):
-            img = img.resize((spec.image_size, spec.image_size), Image.BICUBIC)
+        if img.size != size:
+            img = img.resize(size, Image.BICUBIC)
         arr = np.asarray(img, dtype=np.float32) / 255.0
     except Exception as exc:  # PIL raises many types for bad bytes
         raise SampleError(f"image does not decode ({type(exc).__name__}: {exc})") from None
@@ -195,6 +204,8 @@ class NoisedImageDataset(ImageBatchDataset):
                 raise SampleError(f"latent.npy does not load: {exc}") from None
             if latent.shape != self.noise_shape:
                 raise SampleError(f"latent of shape {latent.shape}, the model denoises {self.noise_shape}")
+            if latent.dtype.kind != "f" or not np.isfinite(latent).all():
+                raise SampleError(f"latent.npy holds {latent.dtype} values that are not all finite numbers")
             sample = {"latent": latent.astype(np.float32), "label": np.int64(decode_label(members, self.spec.num_classes))}
         else:
             sample = super().decode(members, position)

@@ -21,6 +21,7 @@ class SampleEntry:
 
     key: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (data offset, size)
+    problem: str = ""  # non-empty: the sample is unusable (read as a bad sample, counted, never merged)
 
 
 @dataclass
@@ -57,6 +58,11 @@ def scan_shard(path: str) -> ShardScan:
                 if entry is None:
                     entry = by_key[base] = SampleEntry(key=base)
                     samples.append(entry)
+                elif entry is not samples[-1] or ext in entry.members:
+                    # webdataset groups *consecutive* members and refuses a repeated name; merging a
+                    # stray later 'KEY.cls' into the earlier sample would silently relabel it
+                    entry.problem = f"duplicate member {info.name} in {os.path.basename(path)}"
+                    continue
                 entry.members[ext] = (info.offset_data, info.size)
             else:
                 # tarfile stops silently at a cut header; a whole tar ends with two zero blocks.
@@ -117,6 +123,8 @@ class ShardReader:
                 f"(shard has {len(scan.samples)} readable samples{'; ' + scan.error if scan.error else ''})"
             )
         entry = scan.samples[index]
+        if entry.problem:
+            raise OSError(entry.problem)
         fd = self._fd(path)
         out = {}
         for ext, (offset, size) in entry.members.items():

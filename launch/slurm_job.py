@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 EXIT_REQUEUE = 75  # bigtrain.trainer.EXIT_REQUEUE (the batch side needs nothing else of the trainer)
 EXIT_BAD_INPUT = 2
@@ -45,12 +46,29 @@ def say(msg: str) -> None:
     print(f"[bigtrain slurm_job {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def env_int(name: str, default: int) -> int:
+def bad_input(msg: str) -> NoReturn:
+    """One line on stderr and exit 2 (never requeued: the same input would fail again)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def env_int(name: str, default: int, low: int = 0) -> int:
     value = os.environ.get(name, "")
     try:
-        return int(value) if value else default
+        number = int(value) if value else default
     except ValueError:
-        raise SystemExit(f"error: environment variable {name}={value!r} is not an integer") from None
+        bad_input(f"environment variable {name}={value!r} is not an integer")
+    if number < low:
+        bad_input(f"environment variable {name}={value!r} must be >= {low}")
+    return number
+
+
+def env_words(name: str) -> list[str]:
+    """A shell-quoted environment variable split into words (BIGTRAIN_OVERRIDES, BIGTRAIN_SRUN_ARGS)."""
+    try:
+        return shlex.split(os.environ.get(name, ""))
+    except ValueError as exc:
+        bad_input(f"environment variable {name}: {exc} (check its quotes)")
 
 
 def resolve_config(path: str) -> str:
@@ -60,18 +78,20 @@ def resolve_config(path: str) -> str:
         candidate = base / path
         if candidate.is_file():
             return str(candidate)
-    raise SystemExit(f"error: config file {path!r} not found (in {Path.cwd()} or {REPO})")
+    bad_input(f"config file {path!r} not found (in {Path.cwd()} or {REPO})")
 
 
 def check_config(config: str, overrides: list[str]) -> None:
     """The whole config, validated here once (~2 s: the family registry imports torch) instead of
     by every rank after the allocation started them: a typo exits 2 with a one-line reason and is
     never requeued."""
+    from bigtrain.checkpoint import CheckpointError
+    from bigtrain.cli import check_before_work
     from bigtrain.config import ConfigError, load_config
 
     try:
-        load_config(config, overrides)
-    except ConfigError as exc:
+        check_before_work(load_config(config, overrides))  # also: a resume=/init= checkpoint that cannot load
+    except (ConfigError, CheckpointError) as exc:
         say(f"error: {exc}")
         raise SystemExit(EXIT_BAD_INPUT) from None
 
@@ -146,7 +166,7 @@ def srun_command(config: str, overrides: list[str]) -> list[str]:
     # in a collective until the process-group timeout. --wait bounds a step whose tasks end
     # unevenly for any other reason.
     return ["srun", "--kill-on-bad-exit=1", "--wait=60", "--unbuffered",
-            *shlex.split(os.environ.get("BIGTRAIN_SRUN_ARGS", "")),
+            *env_words("BIGTRAIN_SRUN_ARGS"),
             python, "-u", "-m", "bigtrain", "train", config, *overrides]
 
 
@@ -227,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         parser.error("no config: pass CONFIG or set BIGTRAIN_CONFIG")
     config = resolve_config(args.config)
-    overrides = [*shlex.split(os.environ.get("BIGTRAIN_OVERRIDES", "")), *args.overrides]
-    check_config(config, overrides)
+    overrides = [*env_words("BIGTRAIN_OVERRIDES"), *args.overrides]
+    for knob, default in (("BIGTRAIN_MAX_REQUEUES", 20), ("BIGTRAIN_CRASH_REQUEUES", 0)):
+        env_int(knob, default)  # read again after the step; a bad value must fail now, not after a stop
     end = job_end_time()
-    cmd = srun_command(config, training_overrides(overrides, end))
+    effective = training_overrides(overrides, end)  # a restart's resume=auto supersedes a resume=PATH
+    check_config(config, effective)
+    cmd = srun_command(config, effective)
     env = task_environment()
     job = os.environ.get("SLURM_JOB_ID", "-")
     say(f"job {job} restart {env_int('SLURM_RESTART_COUNT', 0)} on {os.environ.get('SLURM_JOB_NODELIST', '-')}: "

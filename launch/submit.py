@@ -25,9 +25,11 @@ import faulthandler
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +37,16 @@ from typing import Any
 
 import yaml
 
-from launch.slurm_job import EXIT_REQUEUE, deadline_override, job_end_time, resolve_config, runtime_defaults
+from launch.slurm_job import EXIT_BAD_INPUT, EXIT_REQUEUE, deadline_override, job_end_time, resolve_config, runtime_defaults
 
 try:
     import submitit
 except ImportError:  # the launcher is optional: pip install 'bigtrain[submitit]'
     submitit = None
+
+
+class SubmitError(Exception):
+    """Bad input to the submitter: one line on stderr, exit 2, nothing submitted."""
 
 
 class TrainJob:
@@ -94,21 +100,21 @@ def sweep_points(path: str) -> list[list[str]]:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise SystemExit(f"error: sweep file {path}: {exc}") from None
+        raise SubmitError(f"sweep file {path}: {exc}") from None
 
     def point(item: Any, where: str) -> list[str]:
         if isinstance(item, dict):
             return [f"{k}={_yaml_value(v)}" for k, v in item.items()]
         if isinstance(item, list) and all(isinstance(s, str) and "=" in s for s in item):
             return list(item)
-        raise SystemExit(f"error: sweep file {path}: {where} is neither a mapping nor a list of key=value strings")
+        raise SubmitError(f"sweep file {path}: {where} is neither a mapping nor a list of key=value strings")
 
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         keys = list(data)
         return [[f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)] for combo in itertools.product(*data.values())]
     if isinstance(data, list) and data:
         return [point(item, f"point {i}") for i, item in enumerate(data)]
-    raise SystemExit(f"error: sweep file {path}: expected a non-empty list of points or a mapping key -> [values]")
+    raise SubmitError(f"sweep file {path}: expected a non-empty list of points or a mapping key -> [values]")
 
 
 def _yaml_value(v: Any) -> str:
@@ -119,10 +125,13 @@ def plan(config: str, overrides: list[str], sweep: str | None) -> list[list[str]
     """The override list of every job, each validated now (a bad key fails before submitting).
     Sweep points get their own run.dir (``<run.dir>/<index>-<point>``) unless they set one, so
     they never resume each other's checkpoints."""
+    from bigtrain.checkpoint import CheckpointError
+    from bigtrain.cli import check_before_work
     from bigtrain.config import ConfigError, load_config
 
     try:
         base = load_config(config, overrides)
+        check_before_work(base)  # a resume=/init= checkpoint that cannot load fails here, not in the job
         if sweep is None:
             return [list(overrides)]
         jobs = []
@@ -131,11 +140,11 @@ def plan(config: str, overrides: list[str], sweep: str | None) -> list[list[str]
             if not any(o.startswith("run.dir=") for o in point):
                 slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", ",".join(point))[:80]
                 extra.append(f"run.dir={os.path.join(base.run.dir, f'{i}-{slug}')}")
-            load_config(config, [*overrides, *extra])
+            check_before_work(load_config(config, [*overrides, *extra]))
             jobs.append([*overrides, *extra])
         return jobs
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (ConfigError, CheckpointError) as exc:
+        raise SubmitError(str(exc)) from None
 
 
 def submit(config: str, overrides: list[str] | None = None, *, nodes: int = 1, tasks_per_node: int = 1,
@@ -145,15 +154,23 @@ def submit(config: str, overrides: list[str] | None = None, *, nodes: int = 1, t
     """Submit one job (or one per sweep point, as a Slurm job array); returns submitit jobs.
     ``sbatch``: further ``#SBATCH --key=value`` options (account, qos, constraint, mem...)."""
     if submitit is None:
-        raise SystemExit("error: launch.submit needs submitit (pip install 'bigtrain[submitit]')")
+        raise SubmitError("launch.submit needs submitit (pip install 'bigtrain[submitit]')")
     if local and nodes > 1:
-        raise SystemExit("error: --local runs on this one machine: --nodes must be 1")
+        raise SubmitError("--local runs on this one machine: --nodes must be 1")
+    if not local and shutil.which("sbatch") is None:
+        raise SubmitError("no sbatch on this machine's PATH: submit from a Slurm login node, or use --local")
     config = resolve_config(config)
     job_overrides = plan(config, list(overrides or []), sweep)
     if folder is None:
         from bigtrain.config import load_config
 
         folder = os.path.join(load_config(config, list(overrides or [])).run.dir, "submitit")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder)
+        probe.close()
+    except OSError as exc:
+        raise SubmitError(f"--folder {folder}: not writable ({exc.strerror})") from None
     cluster = "local" if local else "slurm"
     if local:
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_timeouts)
@@ -169,7 +186,11 @@ def submit(config: str, overrides: list[str] | None = None, *, nodes: int = 1, t
             **({"partition": partition} if partition else {}))
     with _submission_env():
         fns = [TrainJob(config, o) for o in job_overrides]
-        jobs = executor.submit_array(fns) if sweep is not None else [executor.submit(fns[0])]
+        try:
+            jobs = executor.submit_array(fns) if sweep is not None else [executor.submit(fns[0])]
+        except Exception as exc:  # noqa: BLE001 - submitit wraps sbatch's refusal (unknown partition, ...)
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            raise SubmitError(f"the cluster refused the job: {lines[-1] if lines else type(exc).__name__}") from None
     for job, o in zip(jobs, job_overrides):
         print(f"submitted {cluster} job {job.job_id}: {nodes} node(s) x {tasks_per_node} task(s), "
               f"log {job.paths.stdout}" + (f", overrides {' '.join(o)}" if o else ""), flush=True)
@@ -247,15 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local", action="store_true", help="run on this machine through submitit's local executor")
     p.add_argument("--wait", action="store_true", help="block until the job(s) end; exit with the final status")
     args = p.parse_intermixed_args(argv)
-    if min(args.nodes, args.tasks_per_node, args.cpus_per_task, args.time) < 1:
-        p.error("--nodes, --tasks-per-node, --cpus-per-task and --time must be at least 1")
-    if any("=" not in kv for kv in args.sbatch):
-        p.error("--sbatch takes KEY=VALUE (an sbatch long option without its dashes)")
-    sbatch = dict(kv.split("=", 1) for kv in args.sbatch)
-    jobs = submit(args.config, args.overrides, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-                  gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
-                  time_min=args.time, sweep=args.array, max_timeouts=args.max_timeouts, folder=args.folder,
-                  local=args.local, signal_delay_s=args.signal_delay, sbatch=sbatch)
+    try:
+        for flag, value, low in (("--nodes", args.nodes, 1), ("--tasks-per-node", args.tasks_per_node, 1),
+                                 ("--cpus-per-task", args.cpus_per_task, 1), ("--time", args.time, 1),
+                                 ("--gpus-per-node", args.gpus_per_node, 0), ("--signal-delay", args.signal_delay, 0),
+                                 ("--max-timeouts", args.max_timeouts, 0)):
+            if value < low:
+                raise SubmitError(f"{flag} {value}: must be at least {low}")
+        if args.signal_delay >= args.time * 60:
+            raise SubmitError(f"--signal-delay {args.signal_delay}: must be shorter than --time ({args.time} min)")
+        if any("=" not in kv for kv in args.sbatch):
+            raise SubmitError("--sbatch takes KEY=VALUE (an sbatch long option without its dashes)")
+        sbatch = dict(kv.split("=", 1) for kv in args.sbatch)
+        jobs = submit(args.config, args.overrides, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+                      gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                      time_min=args.time, sweep=args.array, max_timeouts=args.max_timeouts, folder=args.folder,
+                      local=args.local, signal_delay_s=args.signal_delay, sbatch=sbatch)
+    except SubmitError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     return wait(jobs) if args.wait else 0
 
 

@@ -305,3 +305,48 @@ def test_tar_member_size_cap(tmp_path):
     assert "over the 1048576-byte cap" in batch["errors"][0]
     batch = next(sequential_batches(split, ImageSpec(8, 1, 10, max_member_bytes=0), batch_size=2))
     assert "does not decode" in batch["errors"][0], "without a cap it is read (and fails to decode)"
+
+
+def test_a_key_repeated_later_in_a_tar_is_a_bad_sample_not_a_relabel(tmp_path):
+    """webdataset refuses such tars; merging the stray 'a.cls' into sample a would relabel it."""
+    root = tmp_path / "dup"
+    root.mkdir()
+    write_tar(root / "train-000000.tar", [("a", {"png": png_bytes(10), "cls": b"1"}), ("b", {"png": png_bytes(20), "cls": b"2"}),
+                                          ("a", {"cls": b"7"}), ("c", {"png": png_bytes(30), "cls": b"3"})])
+    split = load_split(str(root), "train")
+    batch = next(sequential_batches(split, ImageSpec(8, 1, 10), batch_size=4))
+    assert batch["num_samples"] == 2 and batch["num_errors"] == 1
+    assert any("duplicate member a.cls" in e for e in batch["errors"])
+    assert sorted(batch["label"][batch["weight"] > 0].tolist()) == [2, 3]  # never relabelled to 7
+
+
+def test_16_bit_pngs_are_scaled_not_clipped():
+    from data_pipeline.loader import decode_image
+
+    ramp = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63000 of 65535
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    grey = decode_image({"png": buf.getvalue()}, ImageSpec(8, 1, 10))[:, :, 0]
+    assert np.allclose(grey, ramp / 65535.0, atol=1e-6) and (grey >= 0.999).mean() == 0  # convert("L") saturated 99%
+    rgb = decode_image({"png": buf.getvalue()}, ImageSpec(4, 3, 10))
+    assert rgb.shape == (4, 4, 3) and 0.3 < rgb.mean() < 0.6
+
+
+@pytest.mark.parametrize("index,needle", [
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('{"format": "bigtrain-wds-index/1"}', "'splits' must map split names"),
+    ('{"format": "bigtrain-wds-index/1", "splits": {}, "extra": 1}', "unknown field 'extra'"),
+    ('{"format": "bigtrain-wds-index/1", "splits": {"train": {"shards": [{"name": "a.tar", "num_samples": -3}]}}}',
+     "shard 0 must be {name, num_samples >= 0}"),
+    ('{"format": "bigtrain-wds-index/1", "splits": {"train": {"shards": [], "num_clases": 3}}}', "unknown field 'num_clases'"),
+    ('{"format": "bigtrain-wds-index/1", "splits": {"train": {"shards": [{"name": "../x.tar", "num_samples": 1}]}}}',
+     "outside the data directory"),
+])
+def test_malformed_index_files_are_one_line_errors(tmp_path, index, needle):
+    (tmp_path / "index.json").write_text(index)
+    with pytest.raises(DataError, match=None) as exc:
+        load_split(str(tmp_path), "train")
+    assert needle in str(exc.value)
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "inspect", str(tmp_path), "--split", "train"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -262,3 +262,12 @@ def test_latent_dit_trains_samples_and_checks_its_keys(tmp_path, digits_dir: str
     # equal up to float rounding: the VAE encoded batches of 64 there and of 8 here
     assert losses("stored") == pytest.approx(losses("run"), rel=1e-4)
     assert (tmp_path / "stored" / "samples" / "step_00000002.png").is_file()
+    # a stored set is refused by a run whose VAE scale differs (its latents would not decode)
+    other = subprocess.run([sys.executable, "-m", "bigtrain", "train", *common[:-1], f"data.dir={stored}",
+                            "model.latent_scale=0.5", f"run.dir={tmp_path / 'other'}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode == 2 and "holds latents encoded with latent scale" in other.stderr, other.stderr[-2000:]
+    # encode-latents never writes into (or over) the data it reads
+    again = subprocess.run([sys.executable, "-m", "bigtrain", "encode-latents", *common, "--out", str(stored)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not this command's own earlier output" in again.stderr, again.stderr[-2000:]

@@ -53,8 +53,9 @@ def test_batch_side_refuses_a_bad_config_with_exit_2(capsys: pytest.CaptureFixtu
         main([LM_CONFIG, "optim.lrr=1", "--dry-run"])
     assert exc.value.code == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="config file 'nope.yaml' not found"):
+    with pytest.raises(SystemExit) as exc:
         main(["nope.yaml", "--dry-run"])
+    assert exc.value.code == 2 and "config file 'nope.yaml' not found" in capsys.readouterr().err
 
 
 def test_requeue_decision_respects_the_caps(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,7 +72,7 @@ def test_requeue_decision_respects_the_caps(capsys: pytest.CaptureFixture, monke
 
 
 def test_sweep_files(tmp_path: Path) -> None:
-    from launch.submit import plan, sweep_points
+    from launch.submit import SubmitError, plan, sweep_points
 
     grid = tmp_path / "grid.yaml"
     grid.write_text("optim.lr: [1.0e-3, 3.0e-3]\ntrain.seed: [0, 1]\n")
@@ -84,19 +85,52 @@ def test_sweep_files(tmp_path: Path) -> None:
                     ["run.dir=/r/base", "train.seed=2", "run.dir=/x/mine"]]
     bad = tmp_path / "bad.yaml"
     bad.write_text("- {optim.lrr: 1}\n")
-    with pytest.raises(SystemExit, match="unknown config key 'optim.lrr'"):
+    with pytest.raises(SubmitError, match="unknown config key 'optim.lrr'"):
         plan(str(ROOT / LM_CONFIG), [], str(bad))
     bad.write_text("just a string\n")
-    with pytest.raises(SystemExit, match="expected a non-empty list of points"):
+    with pytest.raises(SubmitError, match="expected a non-empty list of points"):
         sweep_points(str(bad))
 
 
-def test_local_with_several_nodes_is_refused() -> None:
+@pytest.mark.parametrize("args,needle", [
+    (["--local", "--nodes", "2"], "--local runs on this one machine: --nodes must be 1"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be at least 0"),
+    (["--signal-delay", "-5"], "--signal-delay -5: must be at least 0"),
+    (["--max-timeouts", "-1"], "--max-timeouts -1: must be at least 0"),
+    (["--sbatch", "account"], "--sbatch takes KEY=VALUE"),
+    (["optim.lrr=1", "--local"], "unknown config key 'optim.lrr'"),
+    (["resume=/no/such/checkpoint", "--local"], "resume=/no/such/checkpoint"),
+    (["--folder", "/proc/bigtrain-nope", "--local"], "--folder /proc/bigtrain-nope: not writable"),
+])
+def test_submit_refuses_bad_input_with_one_line_and_exit_2(args: list[str], needle: str,
+                                                           capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("submitit")
     from launch.submit import main
 
-    with pytest.raises(SystemExit, match="--local runs on this one machine: --nodes must be 1"):
-        main([LM_CONFIG, "--local", "--nodes", "2"])
+    assert main([LM_CONFIG, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], err
+
+
+def test_submit_without_sbatch_and_batch_side_environment_errors(capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("submitit")
+    from launch.slurm_job import main as batch_main
+    from launch.submit import main
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main([LM_CONFIG]) == 2
+    assert "no sbatch on this machine's PATH" in capsys.readouterr().err
+    monkeypatch.undo()
+    for name, value, needle in (("BIGTRAIN_OVERRIDES", "train.steps='7", "BIGTRAIN_OVERRIDES: No closing quotation"),
+                                ("BIGTRAIN_SRUN_ARGS", "--x='1", "BIGTRAIN_SRUN_ARGS: No closing quotation"),
+                                ("BIGTRAIN_MAX_REQUEUES", "many", "BIGTRAIN_MAX_REQUEUES='many' is not an integer"),
+                                ("BIGTRAIN_MAX_REQUEUES", "-1", "must be >= 0")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exc:
+            batch_main([LM_CONFIG, "--dry-run"])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("max_timeouts", [3, 0])

@@ -217,3 +217,25 @@ def test_atomic_output_leaves_nothing_that_loads_when_killed(tmp_path: Path) -> 
     with atomic_output(str(out), "dir") as tmp:
         Path(tmp, "done").write_text("ok")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"] and (out / "done").is_file()
+
+
+def test_estimate_refuses_what_train_refuses(capsys: pytest.CaptureFixture) -> None:
+    last = refused_in_process(capsys, "estimate", str(TEST_CONFIG), "parallel.tp=3", "--world-size", "3")
+    assert "'model.num_heads' (2) is not divisible by parallel.tp=3" in last  # it said "fits" before
+    assert "--world-size must be between 1 and" in refused_in_process(capsys, "estimate", str(TEST_CONFIG),
+                                                                    "--world-size", "100000000")
+
+
+def test_export_never_overwrites_what_it_did_not_write(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    mine = tmp_path / "weights.safetensors"
+    mine.write_bytes(b"my own file")
+    refused(cli("export", str(ckpts["vit"]), "--out", str(mine)), "not this command's own earlier output")
+    refused(cli("export", str(ckpts["vit"]), "--out", str(ckpts["vit"] / "model.safetensors")), "overlaps the input")
+    assert mine.read_bytes() == b"my own file"
+    out = tmp_path / "model.safetensors"
+    for _ in range(2):  # its own earlier export is replaced
+        proc = cli("export", str(ckpts["vit"]), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "weights.safetensors"]
+    proc = cli("export", str(ckpts["vit"]), "--out", str(mine), "--force")
+    assert proc.returncode == 0 and mine.read_bytes() != b"my own file", proc.stderr[-3000:]

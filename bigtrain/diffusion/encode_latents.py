@@ -21,8 +21,6 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import torch
-
 from bigtrain.config import ConfigError, load_config
 
 
@@ -40,14 +38,19 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    from bigtrain.outputs import check_output, device_arg
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be at least 1")
+    device = device_arg(args.device)
     cfg = load_config(args.config, args.overrides)
     if not getattr(cfg.model, "vae", ""):
         raise ConfigError(f"encode-latents needs a latent-diffusion config (model.vae set; model.family={cfg.model.family})")
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise ConfigError(f"--out {args.out} exists and is not empty: nothing is overwritten")
+    # a new set only: nothing is overwritten, and the output may not sit in (or hold) the data or the VAE
+    check_output(args.out, "--out", "dir", sources=(cfg.data.dir, cfg.model.vae))
     ensure_data(cfg)
     splits = dict(zip((cfg.data.train_split, cfg.data.eval_split), load_splits(cfg)))
-    codec = latent_codec(cfg, torch.device(args.device))
+    codec = latent_codec(cfg, device)
     spec = diffusion_spec(cfg, train=False)
     t0, counts = time.perf_counter(), {}
 
@@ -55,7 +58,7 @@ def main(argv: list[str]) -> int:
         n = 0
         for batch in sequential_batches(splits[name], spec, args.batch):
             keep = batch["weight"] > 0  # unreadable samples are left out (counted by the loader's warnings)
-            latents = codec.encode(batch["image"][keep].to(args.device)).float().cpu().numpy()
+            latents = codec.encode(batch["image"][keep].to(device)).float().cpu().numpy()
             for z, label in zip(latents, batch["label"][keep].tolist()):
                 buf = io.BytesIO()
                 np.save(buf, z, allow_pickle=False)

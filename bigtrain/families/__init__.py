@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import os
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -130,6 +129,9 @@ class Family:
       embedded data (used by the tests and the GPU check for every family).
     * ``parallelize(model, ps, cfg, param_dtype)``: TP/SP, activation checkpointing, compile, FSDP;
       None = :func:`bigtrain.distributed.parallelize_blocks` without tensor parallelism.
+    * ``check_layout(model, cfg, tp)``: what ``parallelize`` would refuse for a tensor-parallel degree
+      (heads or widths not divisible by it, ...), without a process group: ``bigtrain estimate`` runs
+      it, so it never calls "fits" a layout that ``train`` refuses.
     * ``pipeline``: the model implements ``prune_for_stage(blocks, first, last)``.
     * ``validate(cfg)``: cross-section checks (e.g. image size = data image size).
     * ``export_hf(model, out_dir)``: write a Hugging Face directory (``bigtrain export --format hf``).
@@ -154,6 +156,7 @@ class Family:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     debug_overrides: tuple[str, ...] = ()
     parallelize: Callable[[nn.Module, ParallelState, Config, torch.dtype | None], nn.Module] | None = None
+    check_layout: Callable[[nn.Module, Config, int], None] | None = None
     pipeline: bool = False
     validate: Callable[[Config], None] | None = None
     export_hf: Callable[[nn.Module, str], None] | None = None

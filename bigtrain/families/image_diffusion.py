@@ -7,6 +7,8 @@ and the cross-section checks. A model plugs in by being called ``model(x, t, y)`
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from bigtrain.families.image_classification import check_image_keys, image_spec
 from bigtrain.tasks.diffusion import DiffusionTask
 from data_pipeline import GlobalOrder, ImageSpec, NoisedImageDataset, SplitInfo
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,7 +87,34 @@ def diffusion_spec(cfg: Config, train: bool) -> ImageSpec:
     return spec if cfg.model.num_classes else dataclasses.replace(spec, num_classes=ANY_LABEL)
 
 
+def check_stored_latents(cfg: Config, split: SplitInfo) -> None:
+    """A set written by ``bigtrain encode-latents`` records the VAE, scale and image size it was
+    encoded with: training on it with another VAE (or none) would denoise latents the run's VAE
+    cannot decode, silently. Refused, naming both."""
+    from data_pipeline.index import read_index
+
+    entry = ((read_index(split.root) or {}).get("splits") or {})
+    stored = next((e.get("latents") for e in entry.values() if isinstance(e, dict) and e.get("latents")), None)
+    if not stored:
+        return
+    m = cfg.model
+    if not m.vae:
+        raise ConfigError(f"data.dir={split.root} holds latents encoded by {stored.get('vae')}: set model.vae to it")
+    from bigtrain.diffusion.latent import latent_spec
+
+    scale = latent_spec(m.vae, m.latent_scale).scale
+    for what, saved, value in (("image size", stored.get("image_size"), cfg.data.image_size),
+                               ("latent scale", stored.get("scale"), scale)):
+        if saved != value:
+            raise ConfigError(f"data.dir={split.root} holds latents encoded with {what} {saved!r}, this run has "
+                              f"{value!r} (data.image_size, model.vae / model.latent_scale): encode the data again")
+    if stored.get("vae") != os.path.abspath(m.vae):  # the same VAE may have moved: said, not refused
+        log.warning("data.dir=%s was encoded by the VAE at %s; this run decodes with %s", split.root, stored.get("vae"),
+                    os.path.abspath(m.vae))
+
+
 def noised_train_data(cfg: Config, split: SplitInfo) -> NoisedImageDataset:
+    check_stored_latents(cfg, split)
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
     channels, side = denoised_shape(cfg.model)
     return NoisedImageDataset(split, order, diffusion_spec(cfg, train=True), cfg.train.seed, train=True,

@@ -12,7 +12,7 @@ from torch import nn
 from bigtrain.config import Config, ConfigError
 from bigtrain.families import Family
 from bigtrain.families.dit.config import PRESETS, DiTConfig
-from bigtrain.families.dit.parallelize import parallelize_dit
+from bigtrain.families.dit.parallelize import check_layout, parallelize_dit
 from bigtrain.families.image_diffusion import check_diffusion_keys, denoised_shape, diffusion_family_fields
 from bigtrain.models.dit import DiT, DiTArgs
 
@@ -51,4 +51,5 @@ FAMILY = Family(
     presets=PRESETS,
     validate=validate,
     parallelize=parallelize_dit,
+    check_layout=check_layout,
 )

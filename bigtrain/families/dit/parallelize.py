@@ -21,14 +21,19 @@ DIT_PLAN = BlockPlan(attn="attn", attn_in=("attn.q", "attn.k", "attn.v"), attn_o
                      mlp_in=("mlp.fc1",), mlp_out="mlp.fc2", norms=())
 
 
-def parallelize_dit(model: DiT, ps: ParallelState, cfg: Config, param_dtype: torch.dtype | None) -> DiT:
-    if ps.tp > 1:
+def check_layout(model: DiT, cfg: Config, tp: int) -> None:
+    """The Family hook: what parallelize_dit refuses, without a process group (the estimate runs it)."""
+    if tp > 1:
         a = model.args
         for name, size in (("model.num_heads", a.num_heads), ("model.width * model.mlp_ratio", int(a.width * a.mlp_ratio))):
-            if size % ps.tp:
-                raise ConfigError(f"config key '{name}' ({size}) is not divisible by parallel.tp={ps.tp}")
+            if size % tp:
+                raise ConfigError(f"config key '{name}' ({size}) is not divisible by parallel.tp={tp}")
         if cfg.parallel.sequence_parallel:
             raise ConfigError("model.family=dit does not support sequence parallelism (its per-sample adaLN modulation "
                               "would need its gradients summed over the token shards): set parallel.sequence_parallel=false")
+
+
+def parallelize_dit(model: DiT, ps: ParallelState, cfg: Config, param_dtype: torch.dtype | None) -> DiT:
+    check_layout(model, cfg, ps.tp)
     parallelize_transformer(model, model.blocks, ps, cfg.parallel, DIT_PLAN, False, None, param_dtype)
     return model

@@ -14,7 +14,7 @@ from bigtrain.config import Config, ConfigError
 from bigtrain.eval.causal_lm import CausalLMEvaluator
 from bigtrain.families import EvalContext, Family
 from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
-from bigtrain.families.llama.parallelize import parallelize_lm
+from bigtrain.families.llama.parallelize import check_layout, parallelize_lm
 from bigtrain.families.llama.pretrained import hf_config, pretrained, read_hf_config
 from bigtrain.families.llama.minitron_bench import main as minitron_main
 from bigtrain.families.llama.prune_cli import main as prune_main
@@ -118,13 +118,27 @@ def write_stdlib_text(cfg: Config, root: str) -> None:
                       tokenizer=tok, val_by=cfg.data.text_val_split)
 
 
+def check_split_vocabulary(cfg: Config, split: SplitInfo, name: str) -> None:
+    """A token set written by bigtrain records its tokenizer's vocabulary: one larger than the model's
+    would make samples bad one by one (the eval split's only at the first evaluation); refused now."""
+    from data_pipeline.index import read_index
+
+    entry = ((read_index(split.root) or {}).get("splits") or {}).get(name) or {}
+    vocab = entry.get("vocab_size")
+    if isinstance(vocab, int) and vocab > cfg.model.vocab_size:
+        raise ConfigError(f"data.dir={split.root}: split '{name}' was tokenized with {vocab} tokens "
+                          f"({entry.get('tokenizer', '?')}), more than model.vocab_size={cfg.model.vocab_size}")
+
+
 def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
+    check_split_vocabulary(cfg, split, cfg.data.train_split)
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
     return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error,
                              cfg.data.max_member_bytes)
 
 
 def evaluator(cfg: Config, train: SplitInfo, evals: SplitInfo, ctx: EvalContext) -> CausalLMEvaluator:
+    check_split_vocabulary(cfg, evals, cfg.data.eval_split)
     return CausalLMEvaluator(evals, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=ctx.autocast,
                              max_member_bytes=cfg.data.max_member_bytes, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                              dp_group=ctx.dp_group, device=ctx.device)
@@ -157,6 +171,7 @@ FAMILY = Family(
     debug_overrides=("model.variant=debug", "model.seq_len=64", "data.dir=data/stdlib_seq64", "data.text_max_bytes=300000",
                      "data.eval_split=val", "train.global_batch_size=16", "eval.batch_size=64"),
     parallelize=parallelize_lm,
+    check_layout=check_layout,
     pipeline=True,
     validate=validate,
     export_hf=export_hf,

@@ -20,21 +20,26 @@ LLAMA_PLAN = BlockPlan(
 )
 
 
-def check_lm_layout(model: CausalLM, ps: ParallelState, seq_len: int, sequence_parallel: bool) -> None:
+def check_lm_layout(model: CausalLM, tp: int, seq_len: int, sequence_parallel: bool) -> None:
     c = model.config
-    if ps.tp > 1:
+    if tp > 1:
         for name, size in (("model.num_heads", c.num_attention_heads), ("model.num_kv_heads", c.num_key_value_heads),
                            ("model.mlp_dim", c.intermediate_size)):
-            if size % ps.tp:
-                raise ConfigError(f"config key '{name}' ({size}) is not divisible by parallel.tp={ps.tp}")
-        if sequence_parallel and seq_len % ps.tp:
-            raise ConfigError(f"sequence parallel needs model.seq_len ({seq_len}) divisible by parallel.tp={ps.tp}")
+            if size % tp:
+                raise ConfigError(f"config key '{name}' ({size}) is not divisible by parallel.tp={tp}")
+        if sequence_parallel and seq_len % tp:
+            raise ConfigError(f"sequence parallel needs model.seq_len ({seq_len}) divisible by parallel.tp={tp}")
+
+
+def check_layout(model: CausalLM, config: Config, tp: int) -> None:
+    """The Family hook: what parallelize_lm refuses, without a process group (the estimate runs it)."""
+    check_lm_layout(model, tp, config.model.seq_len, config.parallel.sequence_parallel and tp > 1)
 
 
 def parallelize_lm(model: CausalLM, ps: ParallelState, config: Config, param_dtype: torch.dtype | None) -> CausalLM:
     cfg = config.parallel
     sp = cfg.sequence_parallel and ps.tp > 1
-    check_lm_layout(model, ps, config.model.seq_len, sp)
+    check_lm_layout(model, ps.tp, config.model.seq_len, sp)
     if sp:
         model.sequence_shards = ps.tp  # rotary embeddings need the full length on later stages
     parallelize_transformer(model, model.layers, ps, cfg, LLAMA_PLAN, model.embed_tokens is not None, "norm", param_dtype)

@@ -13,7 +13,7 @@ from bigtrain.config import Config, ConfigError
 from bigtrain.families import Family
 from bigtrain.families.image_diffusion import check_diffusion_keys, denoised_shape, diffusion_family_fields
 from bigtrain.families.unet.config import PRESETS, UNetConfig
-from bigtrain.families.unet.parallelize import parallelize_unet
+from bigtrain.families.unet.parallelize import check_layout, parallelize_unet
 
 SIZE_KEYS = ("channels", "attention", "transformer_layers", "layers_per_block", "head_dim", "norm_groups",
              "cross_attention_dim", "text_width", "text_layers", "text_heads")
@@ -76,5 +76,6 @@ FAMILY = Family(
     presets=PRESETS,
     validate=validate,
     parallelize=parallelize_unet,
+    check_layout=check_layout,
     benchmarks={"scalelong": scalelong_bench},
 )

@@ -30,10 +30,15 @@ def units(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
+def check_layout(model: nn.Module, cfg: Config, tp: int) -> None:
+    """The Family hook: what parallelize_unet refuses, without a process group (the estimate runs it)."""
+    if tp > 1:
+        raise ConfigError(f"model.family=unet has no tensor-parallel plan: parallel.tp must be 1 (got {tp})")
+
+
 def parallelize_unet(model: nn.Module, ps: ParallelState, cfg: Config, param_dtype: torch.dtype | None) -> nn.Module:
     p = cfg.parallel
-    if ps.tp > 1:
-        raise ConfigError(f"model.family=unet has no tensor-parallel plan: parallel.tp must be 1 (got {ps.tp})")
+    check_layout(model, cfg, ps.tp)
     found = units(model)
     if p.activation_checkpointing != "none":
         for k, (parent, name, child) in enumerate(found):

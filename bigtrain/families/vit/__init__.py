@@ -17,7 +17,7 @@ from bigtrain.families.image_classification import (
     write_digits_source,
 )
 from bigtrain.families.vit.config import PRESETS, ViTConfig
-from bigtrain.families.vit.parallelize import parallelize_vit
+from bigtrain.families.vit.parallelize import check_layout, parallelize_vit
 from bigtrain.models.vit import ViT, ViTArgs
 from bigtrain.tasks import ClassificationTask
 from bigtrain.tasks.distill import DistillClassificationTask
@@ -92,6 +92,7 @@ FAMILY = Family(
     debug_overrides=("model.variant=debug", "train.global_batch_size=32", "eval.fewshot_shots=[1]",
                      "eval.fewshot_seeds=1"),
     parallelize=parallelize_vit,
+    check_layout=check_layout,
     pipeline=True,
     validate=validate,
     example_batch=image_batch,
