@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from bigtrain.config.core import ConfigError
+from data_pipeline.writer import pid_alive
 
 if TYPE_CHECKING:
     import torch
@@ -36,16 +37,6 @@ def partial_path(out: str) -> str:
     return f"{os.path.abspath(out)}.partial-{_host()}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_partials(out: str) -> list[str]:
     """Remove the temporary siblings of ``out`` left by killed runs on this host; returns them."""
     parent, base = os.path.split(os.path.abspath(out))
@@ -54,7 +45,7 @@ def clean_partials(out: str) -> list[str]:
         if not name.startswith(base + ".partial-"):
             continue
         m = _PARTIAL.search(name[len(base):])
-        if m and m.group("host") == _host() and int(m.group("pid")) != os.getpid() and not _alive(int(m.group("pid"))):
+        if m and m.group("host") == _host() and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid"))):
             path = os.path.join(parent, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
             removed.append(path)

@@ -19,10 +19,15 @@ import json
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from bigtrain.checkpoint import CheckpointError, open_saved_config
 from bigtrain.config import ConfigError
+
+if TYPE_CHECKING:
+    from bigtrain.config.schema import DiffusionConfig
 
 
 def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Module, object, str]:
@@ -82,9 +87,9 @@ def _check_args(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def _check_against_model(args: argparse.Namespace, d: object, null: int | None) -> None:
+def _check_against_model(args: argparse.Namespace, d: DiffusionConfig, null: int | None) -> None:
     """The arguments the checkpoint's model and objective decide: sampler, steps, classes."""
-    objective, timesteps = getattr(d, "objective"), getattr(d, "timesteps")
+    objective, timesteps = d.objective, d.timesteps
     sampler = args.sampler if args.sampler != "auto" else ("euler" if objective == "flow" else "ddim")
     fits = {"euler": objective == "flow"}.get(sampler, objective != "flow")
     if not fits:

@@ -151,7 +151,8 @@ def write_imagefolder(src: str, root: str, split: str, samples_per_shard: int = 
     return write_shards(imagefolder_examples(src, classes, seed), root, split, samples_per_shard, len(classes), classes)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -172,7 +173,7 @@ def write_set_atomically(root: str, write: Callable[[str], object]) -> None:
     prefix = f".{base}.partial-"
     for name in os.listdir(parent):
         pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     try:

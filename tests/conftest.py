@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,30 @@ from bigtrain.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = ROOT / "configs" / "vit" / "digits_test.yaml"
+
+def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A command that ended with exit 2, no traceback and a last line ``error: ...`` holding
+    ``needles`` (the contract for bad input); returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def refused_in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int], *args: str) -> str:
+    """Run a command's entry (``bigtrain.cli._main``, ``launch.submit.main``: they map bad input to
+    exit 2) in this process and return its last stderr line, asserting exit 2 and ``error: ...``.
+    Same contract as a subprocess without a torch import per probe; any other exception escapes
+    and fails the test (a traceback, in a subprocess)."""
+    capsys.readouterr()
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err and err[-1].startswith("error: "), (rc, err[-3:])
+    return err[-1]
+
 
 # One thread per test process keeps timings stable on the 2-core CI machine and
 # results independent of how many tests run at once.

@@ -105,11 +105,10 @@ def test_sweep_files(tmp_path: Path) -> None:
 def test_submit_refuses_bad_input_with_one_line_and_exit_2(args: list[str], needle: str,
                                                            capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("submitit")
+    from conftest import refused_in_process
     from launch.submit import main
 
-    assert main([LM_CONFIG, *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and needle in err[-1], err
+    assert needle in refused_in_process(capsys, main, LM_CONFIG, *args)
 
 
 def test_submit_without_sbatch_and_batch_side_environment_errors(capsys: pytest.CaptureFixture,

@@ -4,10 +4,13 @@ and a pruned model that survives the Hugging Face round trip (explicit head_dim)
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import refused
 
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -189,9 +192,8 @@ def test_prune_command_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "e.g. --hidden 48 or 52" in proc.stderr, proc.stderr[-2000:]
 
 
-def _prune_cli(src: Path, *args: str) -> "subprocess.CompletedProcess":
+def _prune_cli(src: Path, *args: str) -> subprocess.CompletedProcess:
     import os
-    import subprocess
     import sys
 
     from conftest import ROOT
@@ -201,22 +203,12 @@ def _prune_cli(src: Path, *args: str) -> "subprocess.CompletedProcess":
                           timeout=300)
 
 
-def _refused(proc, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-
-
 def _refused_in_process(capsys: pytest.CaptureFixture, src: Path, needle: str, *args: str) -> None:
-    """The CLI's own entry (``bigtrain.cli._main``, which maps errors to exit codes) in this process:
-    the same one-line, exit-2 contract as a subprocess, without a torch import per probe. An
-    exception other than the documented ones would escape and fail the test."""
     from bigtrain.cli import _main
+    from conftest import refused_in_process
 
-    capsys.readouterr()
-    rc = _main(["prune", str(src), "--calib-samples", "8", "--seq-len", "32", *args])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err and err[-1].startswith("error: ") and needle in err[-1], (rc, err[-3:])
+    last = refused_in_process(capsys, _main, "prune", str(src), "--calib-samples", "8", "--seq-len", "32", *args)
+    assert needle in last, last
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +229,10 @@ def test_prune_never_writes_over_its_source_or_a_users_files(hf_src: Path, tmp_p
     other = tmp_path / "ckpt"
     other.mkdir()
     (other / "config.yaml").write_text("model: {}")
-    _refused(_prune_cli(hf_src, "--out", str(hf_src), "--layers", "3"), "overlaps the input")
-    _refused(_prune_cli(hf_src, "--out", str(hf_src / "sub"), "--layers", "3"), "overlaps the input")
-    _refused(_prune_cli(hf_src, "--out", str(mine), "--layers", "3"), "is an existing file")
-    _refused(_prune_cli(hf_src, "--out", str(other), "--layers", "3"), "not this command's own earlier output")
+    refused(_prune_cli(hf_src, "--out", str(hf_src), "--layers", "3"), "overlaps the input")
+    refused(_prune_cli(hf_src, "--out", str(hf_src / "sub"), "--layers", "3"), "overlaps the input")
+    refused(_prune_cli(hf_src, "--out", str(mine), "--layers", "3"), "is an existing file")
+    refused(_prune_cli(hf_src, "--out", str(other), "--layers", "3"), "not this command's own earlier output")
     assert _tree(hf_src) == before and mine.read_text() == "mine" and _tree(other) == {"config.yaml": b"model: {}"}
     out = tmp_path / "pruned"
     for _ in range(2):  # its own complete earlier output is replaced

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import refused
+
 ROOT = Path(__file__).resolve().parents[1]
 LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
 VIT_CONFIG = ROOT / "configs" / "vit" / "digits_test.yaml"
@@ -176,19 +178,13 @@ def _student(lm: dict, store: Path, run: Path) -> subprocess.CompletedProcess:
     return bigtrain("train", str(LM_CONFIG), *student, f"run.dir={run}", *QUIET)
 
 
-def _refused(proc: subprocess.CompletedProcess, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-
-
 def test_a_flipped_byte_in_a_shard_is_refused_at_start_up(lm: dict, tmp_path: Path) -> None:
     store = _copy_store(lm["store"], tmp_path / "store")
     data = bytearray((store / "logits-000001.bin").read_bytes())
     data[len(data) // 2] ^= 0x01
     (store / "logits-000001.bin").write_bytes(bytes(data))
     proc = _student(lm, store, tmp_path / "run")
-    _refused(proc, "logits-000001.bin fails its SHA-256 checksum")
+    refused(proc, "logits-000001.bin fails its SHA-256 checksum")
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or '"kind": "train"' not in (
         tmp_path / "run" / "metrics.jsonl").read_text()  # not one update was made
 
@@ -232,12 +228,12 @@ def test_edited_or_malformed_store_metadata_is_refused_before_work(lm: dict, tmp
                                                                    needle: str) -> None:
     store = _copy_store(lm["store"], tmp_path / "store")
     _edit_meta(store, **fields)
-    _refused(_student(lm, store, tmp_path / "run"), needle)
+    refused(_student(lm, store, tmp_path / "run"), needle)
     assert not (tmp_path / "run").exists()
 
 
 def test_distill_logits_arguments_are_checked_before_work(lm: dict, tmp_path: Path) -> None:
     for flag, value in (("--samples-per-shard", "0"), ("--samples-per-shard", "-4"), ("--batch-size", "-3")):
         proc = bigtrain("distill-logits", str(LM_CONFIG), *lm["overrides"], "--out", str(tmp_path / "s"), flag, value)
-        _refused(proc, flag)
+        refused(proc, flag)
         assert not any(tmp_path.iterdir())

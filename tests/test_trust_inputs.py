@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG, refused
 
 PAYLOAD = "evilfam:FAMILY"
 QUIET = ["eval.every_steps=0", "eval.final=false", "eval.fewshot=false", "log.progress=false", "schedule.warmup_steps=0",
@@ -28,27 +28,11 @@ def cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Complete
                           timeout=timeout)
 
 
-def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, the last line ``error: ...`` naming ``needles``, no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
-
-
 def refused_in_process(capsys: pytest.CaptureFixture, *args: str) -> str:
-    """The CLI's entry (``bigtrain.cli._main``, which maps errors to exit codes) in this process: the
-    same exit-2, one-line contract without a torch import per probe; any other exception escapes."""
     from bigtrain.cli import _main
+    from conftest import refused_in_process as refused_by
 
-    capsys.readouterr()
-    rc = _main(list(args))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err and err[-1].startswith("error: "), (rc, err[-3:])
-    return err[-1]
+    return refused_by(capsys, _main, *args)
 
 
 def digest(path: Path) -> str:

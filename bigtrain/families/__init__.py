@@ -358,5 +358,6 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
             setattr(section, name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
-__all__ = ["EvalContext", "Family", "Pretrained", "add_trust_argument", "all_families", "apply_trust_argument", "apply_preset", "checkpoint_source", "family_names",
-           "find_command", "get_family", "reading_saved_config", "register_family", "saved_model_section", "trust_family"]
+__all__ = ["EvalContext", "Family", "Pretrained", "add_trust_argument", "all_families", "apply_preset",
+           "apply_trust_argument", "checkpoint_source", "family_names", "find_command", "get_family",
+           "reading_saved_config", "register_family", "saved_model_section", "trust_family"]

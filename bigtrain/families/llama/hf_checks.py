@@ -54,7 +54,8 @@ def check_hf_config(hf: Any, where: str, architectures: tuple[str, ...]) -> dict
                           f"supported architectures: {', '.join(architectures)}")
     arch = hf.get("architectures")
     if not (isinstance(arch, list) and arch and isinstance(arch[0], str)) or arch[0] not in architectures:
-        raise ConfigError(f"{where}: architectures {arch!r} is not supported; supported: {', '.join(architectures)}")
+        what = arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else f"model of architectures {arch!r}"
+        raise ConfigError(f"{where} is a {what}; supported: {', '.join(architectures)}")
     width = _int(hf, "hidden_size", where)
     depth = _int(hf, "num_hidden_layers", where, high=MAX_LAYERS)
     heads = _int(hf, "num_attention_heads", where)
