@@ -208,7 +208,9 @@ def cmd_estimate(argv: list[str]) -> int:
     if args.ranks_per_node < 0:
         raise ConfigError(f"--ranks-per-node must be >= 0 (got {args.ranks_per_node})")
     est = estimate(load_config(args.config, args.overrides), args.world_size, args.device)
-    if args.device == "cpu":
+    cores = os.cpu_count() or 1
+    unplaced = args.device == "cpu" and not args.ranks_per_node and args.world_size > cores
+    if args.device == "cpu" and not unplaced:
         import torch
 
         est.device_bytes = device_memory(torch.device("cpu"), args.ranks_per_node or args.world_size)
@@ -219,6 +221,9 @@ def cmd_estimate(argv: list[str]) -> int:
     if est.device_bytes:
         verdict = "fits" if est.total <= est.device_bytes else "does NOT fit (bigtrain train refuses it)"
         print(f"  {verdict}: {est.total / GiB:.2f} of {est.device_bytes / GiB:.2f} GiB")
+    elif unplaced:  # a cluster config: this host's RAM split 64 ways says nothing about it
+        print(f"  not compared: {args.world_size} ranks cannot all run on this {cores}-core host; pass "
+              "--ranks-per-node N (CPU ranks per host) or --device cuda (compared with a GPU when one is here)")
     return 0
 
 

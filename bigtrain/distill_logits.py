@@ -140,8 +140,10 @@ def _write_shards(task: Any, dataset: Any, meta: Any, tmp: str, ps: Any, batch_s
         if batch["num_errors"]:
             raise ConfigError(f"distill-logits read {batch['num_errors']} bad samples at positions {lo}..{hi - 1} "
                               f"({batch['errors'][0]}): the store must cover every sample the run reads")
+        _sync(ps.device)  # the teacher's time alone: CUDA runs asynchronously, so wait before and after
         t0 = time.perf_counter()
         logits = task.teacher_logits(batch).float()  # (batch, items, vocab)
+        _sync(ps.device)
         t_forward += time.perf_counter() - t0
         if b >= len(plan):
             continue  # a filler forward: the collectives pair up, nothing is written
@@ -155,8 +157,10 @@ def _write_shards(task: Any, dataset: Any, meta: Any, tmp: str, ps: Any, batch_s
             shard = np.concatenate(current.pop(j))
             if ps.tp_rank == 0:
                 entries.append((j, write_shard(tmp, meta, j, shard)))
-    totals = torch.tensor([kl_sum, mass_sum, n_items, t_forward], dtype=torch.float64)
-    peak = torch.tensor([kl_max, float(items), float(vocab)], dtype=torch.float64)
+    # on the process group's device: NCCL reduces CUDA tensors only (a CPU tensor is refused after all
+    # the teacher forwards are done, and the store would never be published)
+    totals = torch.tensor([kl_sum, mass_sum, n_items, t_forward], dtype=torch.float64, device=ps.device)
+    peak = torch.tensor([kl_max, float(items), float(vocab)], dtype=torch.float64, device=ps.device)
     if dist.is_initialized():
         dist.all_reduce(totals)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -164,6 +168,11 @@ def _write_shards(task: Any, dataset: Any, meta: Any, tmp: str, ps: Any, batch_s
     return {"entries": entries, "items": int(peak[1]), "vocab": int(peak[2]), "kl_mean": totals[0].item() / n,
             "kl_max": peak[0].item(), "topk_mass_mean": totals[1].item() / n,
             "teacher_samples_per_s": meta.samples / max(totals[3].item() / ps.world_size, 1e-9)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _records(logits: torch.Tensor, positions: list[int], dataset: Any, meta: Any) -> tuple[np.ndarray, tuple[float, ...]]:

@@ -133,10 +133,25 @@ def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
     return float(get_family(cfg.model.family).flops_per_sample(model, cfg.model))
 
 
+def data_workers(cfg: Config, ps: ParallelState) -> int:
+    """``data.num_workers``, with -1 resolved: on a GPU, the cores this process may use shared by the
+    ranks of its node, one left for the rank itself (at most 8); on the CPU, none."""
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    if ps.device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+                   or max(torch.cuda.device_count(), 1))
+    # srun binds each task to its own cores (affinity already per rank); torchrun's ranks share them
+    share = cores if os.environ.get("SLURM_CPUS_PER_TASK") else cores // max(per_node, 1)
+    return max(0, min(8, share - 1))
+
+
 def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any,
                    step: Callable[[], int] = lambda: 0) -> Any:
     ctx = EvalContext(dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"), device=ps.device, autocast=autocast,
-                      num_workers=cfg.data.num_workers, run_dir=cfg.run.dir, step=step)
+                      num_workers=data_workers(cfg, ps), run_dir=cfg.run.dir, step=step)
     return get_family(cfg.model.family).evaluator(cfg, train_split, eval_split, ctx)
 
 
@@ -210,7 +225,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         dataset.stored = verified_store(cfg.distill.logits, ps)
     stream = TrainStream(
         dataset, batches.global_batch, batches.micro, dp_rank=ps.dp_rank, dp_size=ps.dp,
-        num_workers=cfg.data.num_workers,
+        num_workers=data_workers(cfg, ps),
         max_error_fraction=cfg.data.max_error_fraction if cfg.data.on_error == "skip" else 1.0,
         error_budget_min_samples=cfg.data.error_budget_min_samples, pin_memory=ps.device.type == "cuda",
     )

@@ -3,16 +3,24 @@
 A webdataset sample is the group of consecutive tar members sharing a key
 (``path/key.ext``). We scan a shard's headers once (no payload is read) and keep
 ``key -> {ext: (offset, size)}``; a sample is then a handful of ``pread``s.
-Any tar that follows webdataset naming works, whoever wrote it.
+Any tar that follows webdataset naming works, whoever wrote it; webdataset itself is not needed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 
-from webdataset.tariterators import base_plus_ext
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str, str] | tuple[None, None]:
+    """webdataset's naming rule, without webdataset: ``dir/key.ext.more`` -> (``dir/key``, ``ext.more``);
+    the key ends at the first dot of the last path component. A name without one is no member."""
+    match = _MEMBER.match(path)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 @dataclass

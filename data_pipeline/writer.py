@@ -10,13 +10,13 @@ import io
 import os
 import random
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from data_pipeline.index import DataError, ShardInfo, write_split_index
 
@@ -31,6 +31,27 @@ class Example:
     label: int
 
 
+class TarShardWriter:
+    """One webdataset shard, written with the standard library: a sample's members are
+    ``KEY.EXT`` entries in sorted extension order (as webdataset's TarWriter writes them), read-only
+    mode, a fixed owner and modification time, so the same samples give byte-identical shards."""
+
+    MTIME = 0  # reproducible shards: the bytes depend on the samples only
+
+    def __init__(self, path: str) -> None:
+        self._tar = tarfile.open(path, "w")
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), self.MTIME, 0o444, "bigtrain", "bigtrain"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
 def write_member_shards(
     samples: Iterable[tuple[str, dict[str, bytes]]], root: str, split: str, samples_per_shard: int, extra: dict[str, Any]
 ) -> list[ShardInfo]:
@@ -39,7 +60,7 @@ def write_member_shards(
         raise DataError("samples_per_shard must be > 0")
     os.makedirs(root, exist_ok=True)
     shards: list[ShardInfo] = []
-    writer: wds.TarWriter | None = None
+    writer: TarShardWriter | None = None
     tmp_path = final_name = ""
     count = 0
 
@@ -56,9 +77,9 @@ def write_member_shards(
             close()
             final_name = f"{split}-{len(shards):06d}.tar"
             tmp_path = os.path.join(root, f".{final_name}.tmp")
-            writer = wds.TarWriter(tmp_path)
+            writer = TarShardWriter(tmp_path)
             count = 0
-        writer.write({"__key__": key, **members})
+        writer.write(key, members)
         count += 1
     close()
     if not shards:

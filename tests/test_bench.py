@@ -73,3 +73,11 @@ def test_gpu_check_code_paths_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert [r["impl"] for r in rows] == ["plain PyTorch (eager)", "bigtrain"] * 2
     assert all(r["step_s"] > 0 and 0 < r["mfu"] for r in rows)
     assert "| vit (tiny) | bigtrain |" in capsys.readouterr().out
+
+
+def test_nominal_peaks_tell_the_nvl_parts_from_the_sxm_ones() -> None:
+    from bigtrain.bench.gpu import nominal_peak
+
+    assert nominal_peak("NVIDIA H100 NVL") == nominal_peak("NVIDIA H200 NVL") == 835.5e12
+    assert nominal_peak("NVIDIA H100 80GB HBM3") == nominal_peak("NVIDIA H200") == 989e12
+    assert nominal_peak("NVIDIA H100 PCIe") == 756e12 and nominal_peak("cpu") is None

@@ -161,3 +161,14 @@ def test_bpe_tokenizer_trained_on_the_corpus_feeds_training(tmp_path: Path) -> N
         from bigtrain.config import load_config
 
         load_config(LM_CONFIG, ["data.tokenizer=bpe"])
+
+
+def test_pipeline_stage_inputs_are_contiguous() -> None:
+    """torch 2.11's pipeline schedules check the strides of stage 0's input against the planned
+    (T, 1); a ``tokens[:, :-1]`` view has (T + 1, 1) and failed Llama + PP at its first step there."""
+    from bigtrain.tasks.causal_lm import CausalLMTask
+
+    tokens = torch.arange(2 * 65).view(2, 65)
+    inputs = CausalLMTask.pipeline_inputs(None, {"tokens": tokens})  # type: ignore[arg-type]
+    assert inputs.shape == (2, 64) and inputs.is_contiguous() and inputs.stride() == (64, 1)
+    assert torch.equal(inputs, tokens[:, :-1])

@@ -223,3 +223,22 @@ def test_vit_g14_recipe_config() -> None:
     assert float(task.loss(logits, {"label": labels})["loss"]) == pytest.approx(float(expected), rel=1e-6)
     small = load_config(None, ["model.variant=debug", "model.head_bias_init=-10", "task=sigmoid_classification"])
     assert torch.all(build_model(small).head.bias == -10.0)
+
+
+def test_a_resumed_step_counter_stays_on_the_host() -> None:
+    """After load_state_dict the state moves to the parameter's device, but ``step`` (read as a Python
+    number once per parameter per step) stays a host tensor: no device sync per parameter on CUDA.
+    A parameter on the ``meta`` device stands in for the GPU here."""
+    from bigtrain.optim.adamw8bit import AdamW8bit
+
+    for make in (lambda ps: Factored([{"params": ps, "lr": 0.01, "base_lr": 0.01}]), lambda ps: AdamW8bit(ps, lr=0.01)):
+        p = torch.nn.Parameter(torch.randn(64, 48))
+        opt = make([p])
+        p.grad = torch.randn(64, 48)
+        opt.step()
+        q = torch.nn.Parameter(torch.empty(64, 48, device="meta"))
+        again = make([q])
+        again.load_state_dict(opt.state_dict())
+        state = again.state[q]
+        assert state["step"].device.type == "cpu" and float(state["step"]) == 1
+        assert all(v.device.type == "meta" for k, v in state.items() if torch.is_tensor(v) and k != "step")

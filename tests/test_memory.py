@@ -148,3 +148,15 @@ def test_host_memory_release_only_where_memory_is_tight() -> None:
     est.device_bytes = 24 * 2**30
     assert not releases_host_memory("auto", est, cpu) and not releases_host_memory("auto", None, cpu)
     assert releases_host_memory("on", None, cpu) and not releases_host_memory("off", est, cpu)
+
+
+def test_estimate_of_a_cluster_run_on_a_small_host_is_not_compared_with_its_ram(capsys: pytest.CaptureFixture) -> None:
+    """64 CPU ranks cannot share this host: the estimate says so instead of dividing its RAM by 64."""
+    from bigtrain.cli import _main
+
+    assert _main(["estimate", str(TEST_CONFIG), "train.global_batch_size=64", "train.micro_batch_size=1", "--world-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "not compared: 64 ranks cannot all run on this" in out and "does NOT fit" not in out
+    assert _main(["estimate", str(TEST_CONFIG), "train.global_batch_size=64", "train.micro_batch_size=1", "--world-size", "64",
+                  "--ranks-per-node", "1"]) == 0
+    assert "fits:" in capsys.readouterr().out

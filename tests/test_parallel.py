@@ -194,3 +194,28 @@ def test_launch_env_detection() -> None:
     assert sl.master_addr == "gpu07" and sl.master_port == 20000 + 4242
     assert LaunchEnv.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"  # sbatch shell, not srun
     assert first_host("node1") == "node1" and first_host("a[3-4]b") == "a3b"
+
+
+def test_pipeline_evaluation_matches_one_process(digits_dir: str, tmp_path: Path) -> None:
+    """``bigtrain eval`` of one checkpoint under pp=2 gives one process's metrics (top-1 exactly,
+    loss and few-shot to float rounding): the last stage's logits and features reach every pp rank
+    as tensors on that rank's device (no pickled CUDA tensors on the sender's device index)."""
+    common = [str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={tmp_path / 'run'}", "eval.every_steps=0",
+              "eval.final=false", "train.steps=6", "checkpoint.every_steps=6", "schedule.cooldown_steps=2"]
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", *common], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = f"resume={tmp_path / 'run' / 'checkpoints' / 'step_00000006'}"
+    results = {}
+    for name, launch, layout in (("one", [sys.executable], []),
+                                 ("pp2", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                          "--standalone"], ["parallel.pp=2"])):
+        proc = subprocess.run([*launch, "-m", "bigtrain", "eval", *common, ckpt, *layout], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, pp2 = results["one"], results["pp2"]
+    assert one["eval/top1"] == pp2["eval/top1"] and one["eval/num_samples"] == pp2["eval/num_samples"]
+    assert abs(one["eval/loss"] - pp2["eval/loss"]) <= LOSS_RTOL * abs(one["eval/loss"])
+    shots = [k for k in one if k.startswith("eval/fewshot")]
+    assert shots and all(abs(one[k] - pp2[k]) <= 1e-3 for k in shots), {k: (one[k], pp2[k]) for k in shots}

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -45,8 +46,11 @@ class EMA:
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         weight = 1.0 - self.current_decay()
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(p.detach(), weight)
+        names = list(self.params)
+        # one fused update over every local shard (a DTensor shadow and its parameter share placements,
+        # so their local tensors match), not one kernel launch per parameter
+        torch._foreach_lerp_([_local(self.shadow[n]) for n in names], [_local(self.params[n].detach()) for n in names],
+                             weight)
         self.updates += 1
 
     @torch.no_grad()
@@ -73,6 +77,10 @@ class EMA:
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(backup[n])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _EMAState(Stateful):

@@ -98,7 +98,9 @@ class DataConfig:
     shuffle_window: int = doc(
         4, "Samples are shuffled within windows of this many consecutive shards (after shuffling shard order).", gt=0
     )
-    num_workers: int = doc(0, "DataLoader worker processes per rank.", ge=0)
+    num_workers: int = doc(-1, "DataLoader worker processes per rank; -1 = auto: on a GPU the node's cores per rank "
+                           "minus one (at most 8), so decoding overlaps the device's work; on the CPU 0 (the rank's "
+                           "cores do the math).", ge=-1)
     on_error: Literal["skip", "raise"] = doc("skip", "Corrupt/undecodable samples: count and skip, or stop with an error.")
     max_error_fraction: float = doc(
         0.05, "With on_error=skip, stop if more than this fraction of samples read were bad.", ge=0, le=1
@@ -482,6 +484,10 @@ class Config:
         if d.kd_weight == 0 and d.ce_weight == 0 and d.hidden_weight == 0 and self.teacher.family + d.logits:
             raise ConfigError("config keys 'distill.kd_weight' and 'distill.ce_weight' are both 0: the objective would "
                               "train nothing")
+        if self.log.wandb:
+            from bigtrain.optional import require
+
+            require("wandb", "log.wandb=true")
         if self.resume == "":
             raise ConfigError("config key 'resume' must be 'auto', 'never' or a checkpoint path")
         valid = set(all_keys(self))

@@ -153,9 +153,12 @@ class ParallelState:
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", self.env.master_addr)
             os.environ.setdefault("MASTER_PORT", str(self.env.master_port))
+            # device_id binds the process to its GPU and creates NCCL's communicator now (eagerly), not at
+            # the first collective, where a slow or failing NCCL start would look like a hung step
             dist.init_process_group(
                 backend, rank=self.env.rank, world_size=self.env.world_size,
                 timeout=timedelta(seconds=self.cfg.timeout_s),
+                **({"device_id": self.device} if backend == "nccl" else {}),
             )
         log.info("process group: %s, %d ranks (%s), layout pp%d x dp%d x tp%d",
                  backend, self.env.world_size, self.env.source, self.pp, self.dp, self.tp)

@@ -133,7 +133,7 @@ class Pipeline:
                 part = self.parts[self.stage_ids.index(sid)]
                 out = part(x if sid == 0 else out, **(kwargs if sid == self.num_stages - 1 else {}))
         last = self.owner[self.num_stages - 1]
-        return _broadcast(out if me == last else None, last, group)
+        return _broadcast(out if me == last else None, last, group, self.ps.device)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -157,10 +157,33 @@ def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> torch.Ten
     return t
 
 
-def _broadcast(obj: Any, src: int, group: dist.ProcessGroup) -> Any:
-    holder = [obj]
-    dist.broadcast_object_list(holder, group=group, group_src=src)
-    return holder[0]
+def _broadcast(obj: Any, src: int, group: dist.ProcessGroup, device: torch.device) -> Any:
+    """The last stage's output (a tensor or a tuple of tensors) on every pp rank, as tensors on this
+    rank's device: a header (tuple or not, then dtype, ndim and shape of each), then the data. Not
+    ``broadcast_object_list``, which pickles CUDA tensors so they arrive on the sender's device index."""
+    me = dist.get_rank(group)
+    if me == src:
+        tensors = list(obj) if isinstance(obj, (tuple, list)) else [obj]
+        meta = [int(isinstance(obj, (tuple, list))), len(tensors)]
+        for t in tensors:
+            meta += [_DTYPES.index(t.dtype), t.ndim, *t.shape]
+        header = torch.tensor(meta, dtype=torch.int64, device=device)
+        size = torch.tensor([header.numel()], dtype=torch.int64, device=device)
+    else:
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.broadcast(size, group=group, group_src=src)
+    if me != src:
+        header = torch.zeros(int(size), dtype=torch.int64, device=device)
+    dist.broadcast(header, group=group, group_src=src)
+    fields = header.tolist()
+    is_tuple, count, at, out = fields[0], fields[1], 2, []
+    for i in range(count):
+        dtype, ndim = _DTYPES[fields[at]], fields[at + 1]
+        shape, at = fields[at + 2:at + 2 + ndim], at + 2 + ndim
+        t = tensors[i].contiguous() if me == src else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, group=group, group_src=src)
+        out.append(t)
+    return tuple(out) if is_tuple else out[0]
 
 
 class PipelineModel(nn.Module):

@@ -47,7 +47,10 @@ class CausalLMEvaluator:
         was_training = model.training
         model.eval()
         task = CausalLMTask(model)
-        totals = torch.zeros(5, dtype=torch.float64)  # loss * tokens, correct tokens, tokens, samples, samples lost
+        # loss * tokens, correct tokens, tokens: summed on the device (no host read per batch); samples and
+        # samples lost: host counts from the loader
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        samples = lost = 0
         try:
             batches = sequential_batches(
                 self.split, None, self.batch_size, self.dp_rank, self.dp_size, self.max_samples,
@@ -59,15 +62,15 @@ class CausalLMEvaluator:
                 batch = batch_to_device(batch, self.device)
                 with self.autocast():
                     out = task(batch)
-                n = float(batch["weight"].sum()) * self.seq_len  # one host sync per eval batch
-                totals += torch.tensor([float(out["loss"]) * n, float(out["token_acc"]) * n, n, batch["num_samples"],
-                                        batch["num_errors"]], dtype=torch.float64)
+                n = batch["weight"].sum().double() * self.seq_len
+                sums += torch.stack([out["loss"].double() * n, out["token_acc"].double() * n, n])
+                samples, lost = samples + batch["num_samples"], lost + batch["num_errors"]
         finally:
             model.train(was_training)
+        totals = torch.cat([sums, torch.tensor([samples, lost], dtype=torch.float64, device=self.device)])
         if self.dp_size > 1:
-            totals = totals.to(self.device)  # NCCL reduces device tensors only
-            dist.all_reduce(totals, group=self.dp_group)
-            totals = totals.cpu()
+            dist.all_reduce(totals, group=self.dp_group)  # on the device: NCCL reduces device tensors only
+        totals = totals.cpu()  # the one host read of the evaluation
         loss = float(totals[0] / totals[2])
         warn_lost(self.split, int(totals[3]), int(totals[4]))
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/token_acc": float(totals[1] / totals[2]),

@@ -149,6 +149,10 @@ def check_diffusion_keys(cfg: Config) -> None:
     """The image keys agree with the data; the objective, sampler and variance fit together."""
     check_image_keys(cfg)
     d, m = cfg.diffusion, cfg.model
+    if m.vae:
+        from bigtrain.optional import require
+
+        require("diffusers", "model.vae (a diffusers AutoencoderKL)")
     if getattr(m, "learn_sigma", False) and (d.objective != "ddpm" or d.prediction != "epsilon"):
         raise ConfigError(f"config key 'model.learn_sigma' needs diffusion.objective=ddpm and diffusion.prediction=epsilon "
                           f"(got {d.objective}, {d.prediction})")

@@ -65,7 +65,8 @@ class CausalLM(nn.Module):
         positions = torch.arange(seq, device=h.device)[None]
         position_embeddings = self.rotary_emb(h, positions)
         for layer in self.layers.values():
-            h = layer(h, position_embeddings=position_embeddings)
+            out = layer(h, position_embeddings=position_embeddings)
+            h = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returns (hidden_states, ...)
         if self.norm is None:
             return h
         return self.lm_head(self.norm(h))

@@ -31,7 +31,10 @@ class KeepStateDtypes:
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
             if pid in saved:
-                self.state[p] = {k: v.to(device=p.device) if torch.is_tensor(v) else v for k, v in saved[pid].items()}
+                # the step counter stays on the host: the update reads it as a Python number once per
+                # parameter per step, which on a CUDA tensor would be a device sync each time
+                self.state[p] = {k: v.to(device="cpu" if k == "step" and v.dim() == 0 else p.device)
+                                 if torch.is_tensor(v) else v for k, v in saved[pid].items()}
 
 
 def params_to_step(optimizer: torch.optim.Optimizer, init: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any]],

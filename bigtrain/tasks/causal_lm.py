@@ -41,7 +41,9 @@ class CausalLMTask(nn.Module):
 
     # --- pipeline parallel ---------------------------------------------------------------
     def pipeline_inputs(self, batch: dict[str, Any]) -> torch.Tensor:
-        return batch["tokens"][:, :-1]
+        # contiguous: the schedules of torch 2.11 check the strides of what stage 0 receives against
+        # the shapes they planned with ((T, 1)); a [:, :-1] view has (T + 1, 1) and fails at step 1
+        return batch["tokens"][:, :-1].contiguous()
 
     def pipeline_target(self, batch: dict[str, Any]) -> torch.Tensor:
         """Targets and the per-sample weight packed into one float tensor (token ids < 2**24 are exact)."""

@@ -31,6 +31,11 @@ def build(m: LlamaModelConfig) -> CausalLM:
 
 
 def validate(cfg: Config) -> None:
+    from bigtrain.optional import require
+
+    require("transformers", "model.family=llama (its layers are transformers' Llama/Mistral/Qwen2 modules)")
+    if cfg.data.tokenizer != "bytes":
+        require("tokenizers", f"data.tokenizer={cfg.data.tokenizer}")
     m = cfg.model
     m.vocab_size = m.vocab_size or 257  # bytes + end-of-text: the stdlib_text tokenizer
     missing = [k for k in ("width", "depth", "num_heads", "mlp_dim") if not getattr(m, k)]

@@ -44,14 +44,16 @@ def unet_args(m: UNetConfig) -> Any:
 
 
 def build(m: UNetConfig) -> nn.Module:
-    try:
-        from bigtrain.models.unet import ConditionedUNet
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ConfigError(f"model.family=unet needs diffusers and transformers: pip install 'bigtrain[diffusers]' ({exc})") from None
+    from bigtrain.models.unet import ConditionedUNet
+
     return ConditionedUNet(unet_args(m))
 
 
 def validate(cfg: Config) -> None:
+    from bigtrain.optional import require
+
+    require("diffusers", "model.family=unet (diffusers' UNet2DConditionModel)")
+    require("transformers", "model.family=unet (its CLIP text encoder)")
     check_diffusion_keys(cfg)
     unet_args(cfg.model)
 
