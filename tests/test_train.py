@@ -156,7 +156,7 @@ def test_wandb_offline(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         # each key a review found accepted (and failing late, or dividing by zero)
         (["log.every_steps=0"], "'log.every_steps' must be > 0, got 0"),
         (["eval.batch_size=-1"], "'eval.batch_size' must be > 0, got -1"),
-        (["data.num_workers=-1"], "'data.num_workers' must be >= 0, got -1"),
+        (["data.num_workers=-2"], "'data.num_workers' must be >= -1, got -2"),
         (["checkpoint.every_steps=-4"], "'checkpoint.every_steps' must be >= 0"),
         (["eval.every_steps=-1"], "'eval.every_steps' must be >= 0"),
         (["checkpoint.keep_last=-1"], "'checkpoint.keep_last' must be >= 0"),

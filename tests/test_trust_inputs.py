@@ -223,3 +223,9 @@ def test_export_never_overwrites_what_it_did_not_write(ckpts: dict[str, Path], t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "weights.safetensors"]
     proc = cli("export", str(ckpts["vit"]), "--out", str(mine), "--force")
     assert proc.returncode == 0 and mine.read_bytes() != b"my own file", proc.stderr[-3000:]
+
+
+def test_a_distillation_that_trains_nothing_is_refused(ckpts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    last = refused_in_process(capsys, "config", "show", str(TEST_CONFIG), "task=distill", "teacher.family=vit",
+                              f"teacher.pretrained={ckpts['vit']}", "distill.kd_weight=0", "distill.ce_weight=0")
+    assert "'distill.kd_weight' and 'distill.ce_weight' are both 0" in last

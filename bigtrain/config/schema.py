@@ -481,7 +481,7 @@ class Config:
             raise ConfigError(f"config key 'optim.head_weight_decay' must be >= 0 or -1 (= optim.weight_decay), got "
                               f"{self.optim.head_weight_decay}")
         d = self.distill
-        if d.kd_weight == 0 and d.ce_weight == 0 and d.hidden_weight == 0 and self.teacher.family + d.logits:
+        if d.kd_weight == 0 and d.ce_weight == 0 and d.hidden_weight == 0 and (self.teacher.family or d.logits):
             raise ConfigError("config keys 'distill.kd_weight' and 'distill.ce_weight' are both 0: the objective would "
                               "train nothing")
         if self.log.wandb:
