@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -141,8 +142,9 @@ def data_workers(cfg: Config, ps: ParallelState) -> int:
     if ps.device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-                   or max(torch.cuda.device_count(), 1))
+    # torchrun's LOCAL_WORLD_SIZE, or Slurm's tasks per node ("4", "4(x2)", "4,2": the first count)
+    given = re.match(r"\d+", os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", ""))
+    per_node = int(given.group()) if given else max(torch.cuda.device_count(), 1)
     # srun binds each task to its own cores (affinity already per rank); torchrun's ranks share them
     share = cores if os.environ.get("SLURM_CPUS_PER_TASK") else cores // max(per_node, 1)
     return max(0, min(8, share - 1))

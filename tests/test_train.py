@@ -322,3 +322,26 @@ def test_time_budget_and_sigterm_exit_75_after_saving(digits_dir: str, tmp_path:
     assert p.returncode == 75, err[-2000:]
     step = json.loads((run / "results.json").read_text())["step"]
     assert (run / "checkpoints" / f"step_{step:08d}" / "bigtrain_complete.json").is_file()
+
+
+def test_auto_data_workers_share_the_nodes_cores_on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.num_workers=-1: none on the CPU; on a GPU the cores per rank minus one, at most 8."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bigtrain.recipes import data_workers
+
+    auto, cpu, gpu = SimpleNamespace(data=SimpleNamespace(num_workers=-1)), torch.device("cpu"), SimpleNamespace(type="cuda")
+    for k in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert data_workers(auto, SimpleNamespace(device=cpu)) == 0
+    assert data_workers(SimpleNamespace(data=SimpleNamespace(num_workers=3)), SimpleNamespace(device=gpu)) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 ranks share 32 cores
+    assert data_workers(auto, SimpleNamespace(device=gpu)) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    assert data_workers(auto, SimpleNamespace(device=gpu)) == 7
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")  # srun: the affinity is already this task's
+    assert data_workers(auto, SimpleNamespace(device=gpu)) == 8
