@@ -32,7 +32,7 @@ from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer, check_opti
 from bigtrain.optim.builder import head_param_names, no_weight_decay_names
 from bigtrain.trainer import Trainer
 from data_pipeline import DataError, SplitInfo, TrainStream, load_split
-from data_pipeline.index import check_shards, find_foreign_shards, read_index
+from data_pipeline.index import check_shards, find_foreign_shards, split_entry
 from data_pipeline.logits import StoredLogits
 from data_pipeline.writer import write_set_atomically
 
@@ -47,7 +47,7 @@ def ensure_data(cfg: Config) -> None:
     only where ``data.dir`` does not exist or is empty: a directory of the user's that is not a
     shard set is never written into."""
     d = cfg.data
-    have_index = os.path.isdir(d.dir) and (read_index(d.dir) or {}).get("splits", {}).get(d.train_split)
+    have_index = bool(split_entry(d.dir, d.train_split))
     if have_index or (os.path.isdir(d.dir) and find_foreign_shards(d.dir, d.train_split)):
         return
     if d.source == "none":

@@ -110,6 +110,13 @@ def check_index(data: Any, path: str) -> None:
             raise DataError(f"{where}: num_samples {entry['num_samples']} differs from its shards' sum {total}")
 
 
+def split_entry(root: str, split: str) -> dict[str, Any]:
+    """The index entry of ``split`` in ``root`` (its shards and the writer's metadata), {} when the
+    directory has no index or the index no such split."""
+    index = read_index(root) if os.path.isdir(root) else None
+    return (index or {"splits": {}})["splits"].get(split, {})
+
+
 def write_split_index(root: str, split: str, shards: list[ShardInfo], extra: dict[str, Any]) -> None:
     """Add/replace one split in ``index.json`` atomically (write temp file, then rename)."""
     data = read_index(root) or {"format": INDEX_FORMAT, "splits": {}}

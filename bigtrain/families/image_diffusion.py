@@ -91,10 +91,9 @@ def check_stored_latents(cfg: Config, split: SplitInfo) -> None:
     """A set written by ``bigtrain encode-latents`` records the VAE, scale and image size it was
     encoded with: training on it with another VAE (or none) would denoise latents the run's VAE
     cannot decode, silently. Refused, naming both."""
-    from data_pipeline.index import read_index
+    from data_pipeline.index import split_entry
 
-    entry = ((read_index(split.root) or {}).get("splits") or {})
-    stored = next((e.get("latents") for e in entry.values() if isinstance(e, dict) and e.get("latents")), None)
+    stored = split_entry(split.root, cfg.data.train_split).get("latents")
     if not stored:
         return
     m = cfg.model

@@ -126,9 +126,9 @@ def write_stdlib_text(cfg: Config, root: str) -> None:
 def check_split_vocabulary(cfg: Config, split: SplitInfo, name: str) -> None:
     """A token set written by bigtrain records its tokenizer's vocabulary: one larger than the model's
     would make samples bad one by one (the eval split's only at the first evaluation); refused now."""
-    from data_pipeline.index import read_index
+    from data_pipeline.index import split_entry
 
-    entry = ((read_index(split.root) or {}).get("splits") or {}).get(name) or {}
+    entry = split_entry(split.root, name)
     vocab = entry.get("vocab_size")
     if isinstance(vocab, int) and vocab > cfg.model.vocab_size:
         raise ConfigError(f"data.dir={split.root}: split '{name}' was tokenized with {vocab} tokens "

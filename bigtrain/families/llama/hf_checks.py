@@ -129,7 +129,7 @@ def _check_entries(header: Any, data_bytes: int, path: str) -> None:
                               f"or the file (truncated or damaged)")
 
 
-def read_index(directory: str, index: str) -> dict[str, str]:
+def read_weight_index(directory: str, index: str) -> dict[str, str]:
     """``model.safetensors.index.json``: HF tensor name -> checked file path."""
     try:
         with open(index) as f:

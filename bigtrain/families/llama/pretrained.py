@@ -69,11 +69,11 @@ def read_hf_config(path: str, key: str = "model.pretrained") -> dict[str, Any]:
 
 def weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> the safetensors file holding it."""
-    from bigtrain.families.llama.hf_checks import check_weight_file, read_index
+    from bigtrain.families.llama.hf_checks import check_weight_file, read_weight_index
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        return read_index(path, index)
+        return read_weight_index(path, index)
     if os.path.lexists(os.path.join(path, "model.safetensors")):
         from safetensors import safe_open
 

@@ -64,7 +64,7 @@ def load_source(src: str) -> CausalLM:
 def calibration(src: str, data: str | None, samples: int, seq_len: int, vocab: int) -> list[torch.Tensor]:
     """Token batches of ``samples`` sequences: ``data``'s train split, else the stdlib corpus."""
     from data_pipeline import GlobalOrder, load_split
-    from data_pipeline.index import read_index
+    from data_pipeline.index import split_entry
     from data_pipeline.loader import TokenBatchDataset
     from data_pipeline.text import BYTES, load_tokenizer, write_text_shards
 
@@ -76,8 +76,7 @@ def calibration(src: str, data: str | None, samples: int, seq_len: int, vocab: i
         data = tmp
     try:
         split = load_split(data, "train")
-        index = read_index(data) or {}
-        seq = int(index.get("splits", {}).get("train", {}).get("seq_len", seq_len))  # the shards' own length
+        seq = int(split_entry(data, "train").get("seq_len", seq_len))  # the shards' own length
         ds = TokenBatchDataset(split, GlobalOrder([s.num_samples for s in split.shards], 0, shuffle=False),
                                seq, vocab, 0, "skip")
         n = min(samples, split.num_samples)
