@@ -136,7 +136,8 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         self._t_start = self._last_save_t = time.monotonic()
         self._committed_step = -1
-        self._slowest_step_s = self._slowest_save_s = 0.0  # what train.deadline must leave time for
+        # what train.deadline must leave time for
+        self._slowest_step_s = self._slowest_save_s = self._slowest_eval_s = 0.0
         self.last_eval: dict[str, float] = {}
         t = cfg.train
         self.preempt: PreemptionFlag | None = None  # set while fit() runs
@@ -351,6 +352,7 @@ class Trainer:
                 stack.enter_context(component.evaluation())
             results = self.evaluator(self.eval_model)
         results["eval/seconds"] = time.perf_counter() - t0
+        self._slowest_eval_s = max(self._slowest_eval_s, results["eval/seconds"])
         self.last_eval = results
         # the evaluator says which metric defines "best" and whether higher is better
         metric, higher = getattr(self.evaluator, "best_metric", ("", True))
@@ -365,9 +367,19 @@ class Trainer:
         budget, deadline = self.cfg.train.max_minutes, self.cfg.train.deadline
         if budget > 0 and (time.monotonic() - self._t_start) > budget * 60:
             return True
-        # Stop while there is still time for one more step (a checked step may be running when the
-        # flags are read) and the stopping save; both are measured, the slowest seen so far counts.
-        return deadline > 0 and time.time() + self._slowest_step_s + self._slowest_save_s > deadline
+        if deadline <= 0:
+            return False
+        # The flags are read inside step N; a stop they call for happens after step N+1. Until then
+        # run: the evaluation and save scheduled after step N, step N+1, then the stopping save.
+        # Each is measured; the slowest seen so far counts.
+        margin = self._slowest_step_s + self._slowest_save_s
+        step, train, every_eval = self.state.step + 1, self.cfg.train, self.cfg.eval.every_steps
+        if step < train.steps and every_eval and step % every_eval == 0:
+            margin += self._slowest_eval_s
+        every_save = self.cfg.checkpoint.every_steps
+        if step < train.steps and (self._save_due() or (every_save and step % every_save == 0)):
+            margin += self._slowest_save_s
+        return time.time() + margin > deadline
 
     def _save_due(self) -> bool:
         minutes = self.cfg.checkpoint.every_minutes

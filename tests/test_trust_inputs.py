@@ -227,5 +227,6 @@ def test_export_never_overwrites_what_it_did_not_write(ckpts: dict[str, Path], t
 
 def test_a_distillation_that_trains_nothing_is_refused(ckpts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     last = refused_in_process(capsys, "config", "show", str(TEST_CONFIG), "task=distill", "teacher.family=vit",
-                              f"teacher.pretrained={ckpts['vit']}", "distill.kd_weight=0", "distill.ce_weight=0")
+                              f"teacher.pretrained={ckpts['vit']}", "teacher.variant=custom", "teacher.image_size=16",
+                              "distill.kd_weight=0", "distill.ce_weight=0")
     assert "'distill.kd_weight' and 'distill.ce_weight' are both 0" in last
