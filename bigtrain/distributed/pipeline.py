@@ -22,6 +22,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
+    _PipelineSchedule,
 )
 
 from bigtrain.config import ConfigError
@@ -98,6 +99,7 @@ class Pipeline:
             part = build_stage(layout[sid], sid == 0, sid == self.num_stages - 1)
             self.parts.append(part)
             self.stages.append(PipelineStage(part, sid, self.num_stages, ps.device, group=group))
+        _skip_self_p2p_warmup(self.stages, ps.pp_rank)
         if cfg.pp_schedule in SINGLE:
             self.schedule = SINGLE[cfg.pp_schedule](self.stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
         else:
@@ -137,6 +139,23 @@ class Pipeline:
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _skip_self_p2p_warmup(stages: list[PipelineStage], me: int) -> None:
+    """Before torch 2.13 the schedules open each stage's links with a dummy send/recv to both
+    neighbours, including a neighbour stage on the *same* rank (ZBV's V turns on the last rank):
+    gloo cannot send to itself ("Pair is not connected") and fails the first step. Those two
+    stages exchange activations locally during the schedule anyway, so the warm-up ops whose peer
+    is this rank are dropped. 2.13 replaced that warm-up (``_warmup_p2p``) and needs nothing."""
+    if hasattr(_PipelineSchedule, "_warmup_p2p"):
+        return
+    for stage in stages:
+        own = stage._get_init_p2p_neighbors_ops
+
+        def ops(own: Callable[[], list[dist.P2POp]] = own) -> list[dist.P2POp]:
+            return [op for op in own() if op.group_peer != me]
+
+        stage._get_init_p2p_neighbors_ops = ops  # type: ignore[method-assign]
 
 
 def _send(t: torch.Tensor, dst: int, group: dist.ProcessGroup) -> None:
