@@ -1,0 +1,211 @@
+"""Sharded initialisation: build on ``meta``, record the initialisation, replay it tensor by tensor.
+
+A model built under ``torch.device("meta")`` allocates nothing, but its initialisers (``uniform_``,
+``normal_``, ``trunc_normal_``'s chain, copies of computed tables) run as ops on meta tensors. A
+:class:`InitRecorder` (a dispatch mode) writes them down. :func:`replay` runs them again on the
+CPU, one storage at a time: an op whose result no kept tensor needs is skipped, except random ops,
+which always run (a dead one into a scratch tensor freed at once) so that the CPU generator draws
+exactly the stream ``torch.manual_seed(seed); build()`` would draw. The values are therefore
+bit-identical to building the model on the CPU from the same seed, while the host holds only the
+tensors in flight. Each finished tensor goes to a *sink* (the caller copies its own shard of it
+to the device and drops it).
+
+Not recordable (the caller falls back to a CPU build): a builder that draws random numbers on the
+CPU while the model is on meta, or reads values (``.item()``) during construction.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+# In-place ops whose result does not depend on the tensor's previous values.
+_OVERWRITES = {"uniform_", "normal_", "fill_", "zero_", "copy_", "random_", "exponential_", "bernoulli_",
+               "geometric_", "cauchy_", "log_normal_"}
+_META = torch.device("meta")
+
+
+class NotRecordable(RuntimeError):
+    """The builder did something a meta-device recording cannot replay."""
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A meta tensor in a recorded op: a view (size, stride, offset, dtype) of a storage."""
+
+    sid: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+
+@dataclass
+class _Op:
+    func: Any
+    spec: Any
+    leaves: list[Any]
+    out_refs: list[_Ref | None]
+    reads: set[int]
+    writes: set[int]
+    creates: set[int]
+    kills: set[int]
+    random: bool
+
+
+@dataclass
+class InitRecord:
+    ops: list[_Op] = field(default_factory=list)
+    nbytes: dict[int, int] = field(default_factory=dict)
+    keep: list[torch.Tensor] = field(default_factory=list)  # storages stay alive: ids are never reused
+
+    def ref(self, t: torch.Tensor) -> _Ref:
+        storage = t.untyped_storage()
+        sid = storage._cdata
+        if sid not in self.nbytes:
+            self.nbytes[sid] = storage.nbytes()
+            self.keep.append(t)
+        return _Ref(sid, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+
+
+def _covers(t: torch.Tensor) -> bool:
+    """Whether the view writes every byte of its storage (so what was there before is dead)."""
+    if t.numel() * t.element_size() != t.untyped_storage().nbytes():
+        return False
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
+    expected = 1
+    for stride, n in dims:
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+class InitRecorder(TorchDispatchMode):
+    """Records the ops that produce and fill meta tensors (use around a meta-device build)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record = InitRecord()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        if not any(t.device == _META for t in tensors + outs):
+            if random:
+                raise NotRecordable(f"the model builder draws random numbers on {outs[0].device if outs else 'cpu'} "
+                                    f"({func}) while the model is built on meta")
+            return out
+        written = self._written(func, args, kwargs)
+        rec = self.record
+        in_sids = {rec.ref(t).sid for t in tensors if t.device == _META}
+        writes = {rec.ref(t).sid for t in written if t.device == _META}
+        out_refs: list[_Ref | None] = []
+        creates: set[int] = set()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device == _META and t.untyped_storage()._cdata not in in_sids:
+                ref = rec.ref(t)
+                creates.add(ref.sid)
+                out_refs.append(ref)
+            else:
+                out_refs.append(None)
+        if not writes and not creates:
+            return out  # a view or a metadata query: replayed views are rebuilt from their refs
+        kills: set[int] = set()
+        if func._overloadpacket.__name__ in _OVERWRITES and written and written[0].device == _META \
+                and _covers(written[0]):
+            target = rec.ref(written[0]).sid
+            others = {rec.ref(t).sid for t in tensors if t.device == _META and t is not written[0]}
+            if target not in others:
+                kills.add(target)
+        reads = (in_sids - kills)
+        refs = [rec.ref(x) if isinstance(x, torch.Tensor) and x.device == _META else x for x in leaves]
+        rec.ops.append(_Op(func, spec, refs, out_refs, reads, writes, creates, kills, random))
+        return out
+
+    @staticmethod
+    def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            out += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _view(storage: torch.UntypedStorage, ref: _Ref) -> torch.Tensor:
+    return torch.empty(0, dtype=ref.dtype).set_(storage, ref.offset, ref.size, ref.stride)
+
+
+def replay(record: InitRecord, sinks: dict[int, list[tuple[_Ref, Callable[[torch.Tensor], None]]]]) -> None:
+    """Run the recorded ops on the CPU; hand each storage in ``sinks`` (storage id -> (view, sink))
+    to its sinks once its last op has run, then free it. The caller seeds the CPU generator."""
+    ops = record.ops
+    needed, run = set(sinks), [False] * len(ops)
+    for i in range(len(ops) - 1, -1, -1):  # liveness: which ops produce something kept
+        op = ops[i]
+        if op.random or (op.writes | op.creates) & needed:
+            run[i] = True
+            needed -= op.kills | op.creates
+            needed |= op.reads
+    order = [i for i in range(len(ops)) if run[i]]
+    version: dict[int, int] = defaultdict(int)
+    last: dict[tuple[int, int], int] = {}
+    for i in order:
+        op = ops[i]
+        for s in op.reads:
+            last[(s, version[s])] = i
+        for s in op.kills | op.creates:
+            version[s] += 1
+        for s in op.writes | op.creates:
+            last[(s, version[s])] = i
+    final = dict(version)
+    bases: dict[int, torch.UntypedStorage] = {}
+    current: dict[int, int] = defaultdict(int)
+
+    def base(sid: int) -> torch.UntypedStorage:
+        if sid not in bases:
+            bases[sid] = torch.UntypedStorage(record.nbytes[sid])
+        return bases[sid]
+
+    def finish(sid: int) -> None:
+        if sid in sinks and current[sid] == final.get(sid, 0):
+            for ref, sink in sinks[sid]:
+                sink(_view(base(sid), ref))
+        bases.pop(sid, None)
+
+    for sid in set(sinks) - set(final):  # never written (torch.empty without an op that fills it)
+        finish(sid)
+    with torch.no_grad():
+        for i in order:
+            op = ops[i]
+            for s in op.kills:
+                bases.pop(s, None)
+                current[s] += 1
+            leaves = [_view(base(x.sid), x) if isinstance(x, _Ref) else
+                      (torch.device("cpu") if x == _META else x) for x in op.leaves]
+            args, kwargs = tree_unflatten(leaves, op.spec)
+            result = op.func(*args, **kwargs)
+            for ref, t in zip(op.out_refs, tree_flatten(result)[0]):
+                if ref is None:
+                    continue
+                current[ref.sid] += 1
+                if (tuple(t.shape), tuple(t.stride()), t.storage_offset()) == (ref.size, ref.stride, ref.offset):
+                    bases[ref.sid] = t.untyped_storage()
+                else:
+                    bases.pop(ref.sid, None)
+                    _view(base(ref.sid), ref).copy_(t)
+            for s in op.reads | op.writes | op.creates:
+                if last.get((s, current[s])) == i:
+                    finish(s)
