@@ -29,6 +29,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 _OVERWRITES = {"uniform_", "normal_", "fill_", "zero_", "copy_", "random_", "exponential_", "bernoulli_",
                "geometric_", "cauchy_", "log_normal_"}
 _META = torch.device("meta")
+# Python-level initialisers that do nothing on meta tensors: (module, attribute) patched while recording.
+_PYTHON_INITS = [(torch.nn.init, "trunc_normal_")]
 
 
 class NotRecordable(RuntimeError):
@@ -93,6 +95,37 @@ class InitRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.record = InitRecord()
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> InitRecorder:
+        # Initialisers that return early on meta (torch 2.13's trunc_normal_ rejection-samples, a
+        # data-dependent loop) are recorded as one call, replayed as that call on the CPU view.
+        for owner, name in _PYTHON_INITS:
+            own = getattr(owner, name)
+            self._saved.append((owner, name, own))
+            setattr(owner, name, self._python_init(own))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for owner, name, own in reversed(self._saved):
+            setattr(owner, name, own)
+        self._saved.clear()
+
+    def _python_init(self, own: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if tensor.device != _META:
+                return own(tensor, *args, **kwargs)
+            rec = self.record
+            leaves, spec = tree_flatten(((tensor, *args), kwargs))
+            target = rec.ref(tensor)
+            refs = [rec.ref(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+            kills = {target.sid} if _covers(tensor) else set()
+            reads = {r.sid for r in refs if isinstance(r, _Ref)} - kills
+            rec.ops.append(_Op(own, spec, refs, [], reads, {target.sid}, set(), kills, True))
+            return tensor
+
+        return init
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
