@@ -1,7 +1,8 @@
 """The meta-device init recorder (bigtrain.distributed.sharded_init), begun for issue 22 item 6:
 replayed tensor by tensor on the CPU, the values equal a CPU build from the same seed, bit for bit.
-Not yet wired into recipes.build_parallel: Hugging Face models skip their initialisation on meta
-(``init_weights``), so the Llama and UNet (CLIP text encoder) builds need that call recorded too."""
+Not yet wired into recipes.build_parallel. Two initialisers do nothing on meta and are recorded
+specially: torch 2.13's ``trunc_normal_`` (the ViT's patch embedding) and Hugging Face's
+``init_weights`` (Llama, the UNet's CLIP text encoder)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def test_replayed_init_equals_the_cpu_build_bitwise() -> None:
     _check(_Tied, seed=3)
 
 
-@pytest.mark.parametrize("config", ["diffusion/dit_digits.yaml", "vit/digits_test.yaml"])
+@pytest.mark.parametrize("config", ["diffusion/dit_digits.yaml", "vit/digits_test.yaml", "llm/stdlib_test.yaml",
+                                    "diffusion/unet_digits.yaml"])
 def test_replayed_family_init_equals_the_cpu_build_bitwise(config: str) -> None:
-    # the ViT's patch embedding uses trunc_normal_, which returns early on meta: recorded as a call
     cfg = load_config(ROOT / "configs" / config, [])
     _check(lambda: build_model(cfg), seed=cfg.train.seed)

@@ -104,7 +104,32 @@ class InitRecorder(TorchDispatchMode):
             own = getattr(owner, name)
             self._saved.append((owner, name, own))
             setattr(owner, name, self._python_init(own))
+        self._run_hf_init_on_meta()
         return super().__enter__()
+
+    def _run_hf_init_on_meta(self) -> None:
+        """Hugging Face's ``init_weights`` skips initialisation under a meta device context (there is
+        nothing to fill); here the fills are what is recorded, so it runs, at the point of the build
+        where a CPU build runs it (same random stream)."""
+        try:
+            from transformers import modeling_utils
+        except ImportError:
+            return
+        if not hasattr(modeling_utils, "get_torch_context_manager_or_global_device"):
+            return
+        own = modeling_utils.PreTrainedModel.init_weights
+        saved = self._saved
+
+        def init_weights(model: Any) -> None:
+            device_of = modeling_utils.get_torch_context_manager_or_global_device
+            modeling_utils.get_torch_context_manager_or_global_device = lambda: torch.device("cpu")
+            try:
+                own(model)
+            finally:
+                modeling_utils.get_torch_context_manager_or_global_device = device_of
+
+        saved.append((modeling_utils.PreTrainedModel, "init_weights", own))
+        modeling_utils.PreTrainedModel.init_weights = init_weights
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
