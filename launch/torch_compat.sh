@@ -44,6 +44,7 @@ TESTS=(
     tests/test_trust.py               # checkpoint trust
     tests/test_optim.py tests/test_factored.py tests/test_adamw8bit.py
     tests/test_optional.py            # no optional package at import time
+    tests/test_sharded_init.py        # meta-device init recorder: replay equals the CPU build bitwise
     tests/test_bench.py               # includes the GPU check's CPU run (marked slow)
 )
 # -m 'not slurm': the slow tests of these files run too (8-rank ViT 3D, the GPU check's CPU run).
