@@ -75,6 +75,10 @@ class InitRecord:
             self.keep.append(t)
         return _Ref(sid, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
 
+    def refs(self, leaves: list[Any]) -> list[Any]:
+        """The leaves of an op's arguments with each meta tensor replaced by its :class:`_Ref`."""
+        return [self.ref(x) if isinstance(x, torch.Tensor) and x.device == _META else x for x in leaves]
+
 
 def _covers(t: torch.Tensor) -> bool:
     """Whether the view writes every byte of its storage (so what was there before is dead)."""
@@ -118,7 +122,6 @@ class InitRecorder(TorchDispatchMode):
         if not hasattr(modeling_utils, "get_torch_context_manager_or_global_device"):
             return
         own = modeling_utils.PreTrainedModel.init_weights
-        saved = self._saved
 
         def init_weights(model: Any) -> None:
             device_of = modeling_utils.get_torch_context_manager_or_global_device
@@ -128,7 +131,7 @@ class InitRecorder(TorchDispatchMode):
             finally:
                 modeling_utils.get_torch_context_manager_or_global_device = device_of
 
-        saved.append((modeling_utils.PreTrainedModel, "init_weights", own))
+        self._saved.append((modeling_utils.PreTrainedModel, "init_weights", own))
         modeling_utils.PreTrainedModel.init_weights = init_weights
 
     def __exit__(self, *exc: Any) -> None:
@@ -144,7 +147,7 @@ class InitRecorder(TorchDispatchMode):
             rec = self.record
             leaves, spec = tree_flatten(((tensor, *args), kwargs))
             target = rec.ref(tensor)
-            refs = [rec.ref(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+            refs = rec.refs(leaves)
             kills = {target.sid} if _covers(tensor) else set()
             reads = {r.sid for r in refs if isinstance(r, _Ref)} - kills
             rec.ops.append(_Op(own, spec, refs, [], reads, {target.sid}, set(), kills, True))
@@ -166,7 +169,8 @@ class InitRecorder(TorchDispatchMode):
             return out
         written = self._written(func, args, kwargs)
         rec = self.record
-        in_sids = {rec.ref(t).sid for t in tensors if t.device == _META}
+        refs = rec.refs(leaves)
+        in_sids = {r.sid for r in refs if isinstance(r, _Ref)}
         writes = {rec.ref(t).sid for t in written if t.device == _META}
         out_refs: list[_Ref | None] = []
         creates: set[int] = set()
@@ -186,9 +190,7 @@ class InitRecorder(TorchDispatchMode):
             others = {rec.ref(t).sid for t in tensors if t.device == _META and t is not written[0]}
             if target not in others:
                 kills.add(target)
-        reads = (in_sids - kills)
-        refs = [rec.ref(x) if isinstance(x, torch.Tensor) and x.device == _META else x for x in leaves]
-        rec.ops.append(_Op(func, spec, refs, out_refs, reads, writes, creates, kills, random))
+        rec.ops.append(_Op(func, spec, refs, out_refs, in_sids - kills, writes, creates, kills, random))
         return out
 
     @staticmethod
