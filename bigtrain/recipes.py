@@ -25,6 +25,8 @@ from bigtrain.components.teacher import Teacher
 from bigtrain.config import Config, ConfigError, dump_yaml
 from bigtrain.config.batching import plan_batches
 from bigtrain.distributed import LaunchEnv, ParallelState, parallelize_blocks
+from bigtrain.distributed.activation import clean_name
+from bigtrain.distributed.sharded_init import NotRecordable, materialize, record_build
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
 from bigtrain.families import EvalContext, Family, get_family
@@ -77,25 +79,44 @@ def parallelize(family: Family, model: nn.Module, cfg: Config, ps: ParallelState
 
 def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: torch.dtype | None,
                    prune: Callable[[nn.Module], None] | None = None, section: str = "model") -> nn.Module:
-    """This rank's parallelized model (or pipeline stage, cut by ``prune``) of a model section. From
-    the seed, it is initialised on the CPU (the same numbers on any device) and moved. From
-    pretrained weights, it is built on ``meta``, parallelized there, materialized empty on the device
-    and filled by the source, each rank reading only its own shards: no rank ever holds the whole
-    model."""
+    """This rank's parallelized model (or pipeline stage, cut by ``prune``) of a model section. It is
+    built on ``meta``, parallelized there and materialized empty on the device; then each rank fills
+    only the shards it holds: from pretrained weights, read by the source, or from the seed, by
+    replaying the recorded initialisation one tensor at a time (the values a CPU build gives). No
+    rank ever holds the whole model. A builder the recording cannot replay (``parallel.sharded_init``
+    false, or see :mod:`bigtrain.distributed.sharded_init`) is built whole on the CPU and moved."""
     model_cfg = getattr(cfg, section)
     source = family.pretrained(model_cfg) if family.pretrained is not None else None
-    with torch.device("meta") if source is not None else contextlib.nullcontext():
-        model = build_model(cfg, section)
-    if prune is not None:
-        prune(model)
     if section != "model":  # the family's parallelize reads the model section: give it this one
         cfg = dataclasses.replace(cfg, model=model_cfg)
-    if source is None:
-        return parallelize(family, model.to(ps.device), cfg, ps, param_dtype)
-    model = parallelize(family, model, cfg, ps, param_dtype)
-    model.to_empty(device=ps.device)
-    read = source.load(model)
-    log.info("loaded %s: %d tensors, %d elements on this rank", source.path, read["tensors"], read["elements"])
+
+    def build() -> nn.Module:
+        model = build_model(cfg, section)
+        if prune is not None:
+            prune(model)
+        return model
+
+    if source is not None:
+        with torch.device("meta"):
+            model = build()
+        model = parallelize(family, model, cfg, ps, param_dtype)
+        model.to_empty(device=ps.device)
+        read = source.load(model)
+        log.info("loaded %s: %d tensors, %d elements on this rank", source.path, read["tensors"], read["elements"])
+        return model
+    built = None
+    if cfg.parallel.sharded_init:
+        try:
+            built = record_build(build)
+        except (NotRecordable, NotImplementedError, RuntimeError) as exc:  # e.g. .item() on meta: a real error recurs below
+            log.warning("sharded init: cannot record %s's initialisation (%s); building it whole on the CPU",
+                        model_cfg.family, exc)
+    if built is None:
+        return parallelize(family, build().to(ps.device), cfg, ps, param_dtype)
+    model = parallelize(family, built.model, cfg, ps, param_dtype)
+    stats = materialize(built, model, ps.device, cfg.train.seed, clean_name)
+    log.info("initialised %d elements on this rank from seed %d (%d ops replayed, host peak %.1f MiB in flight)",
+             stats["elements"], cfg.train.seed, stats["ops"], stats["peak_bytes"] / 2**20)
     return model
 
 

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from bigtrain.optim.builder import clean_name
+from bigtrain.distributed.activation import clean_name
 
 
 class EMA:

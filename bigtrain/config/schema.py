@@ -351,6 +351,10 @@ class ParallelConfig:
         False, "torch.compile each block (after TP/SP and checkpointing, before FSDP); identical blocks share one "
         "compiled graph. The first steps are slower while it compiles (tens of seconds on CPU)."
     )
+    sharded_init: bool = doc(
+        True, "Build the model on meta, parallelize it, and initialise on each rank only the shards it holds (the "
+        "values of a whole-model build from train.seed, bit for bit); false builds the whole model on the host first."
+    )
     device: Literal["auto", "cpu", "cuda"] = doc(
         "auto", "Where this process trains: auto = cuda:LOCAL_RANK when CUDA is available, else cpu."
     )

@@ -11,7 +11,12 @@ tensors in flight. Each finished tensor goes to a *sink* (the caller copies its 
 to the device and drops it).
 
 Not recordable (the caller falls back to a CPU build): a builder that draws random numbers on the
-CPU while the model is on meta, or reads values (``.item()``) during construction.
+CPU while the model is on meta, reads values (``.item()``) during construction, or ties one
+parameter to two names (``to_empty`` would untie them).
+
+:func:`record_build` and :func:`materialize` put it together for a trainer: build on meta while
+recording, parallelize the meta model (TP, FSDP: the parameters become DTensors), ``to_empty`` on
+the device, then replay, each finished tensor copied into the box of it that this rank holds.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -208,9 +214,10 @@ def _view(storage: torch.UntypedStorage, ref: _Ref) -> torch.Tensor:
     return torch.empty(0, dtype=ref.dtype).set_(storage, ref.offset, ref.size, ref.stride)
 
 
-def replay(record: InitRecord, sinks: dict[int, list[tuple[_Ref, Callable[[torch.Tensor], None]]]]) -> None:
+def replay(record: InitRecord, sinks: dict[int, list[tuple[_Ref, Callable[[torch.Tensor], None]]]]) -> dict[str, int]:
     """Run the recorded ops on the CPU; hand each storage in ``sinks`` (storage id -> (view, sink))
-    to its sinks once its last op has run, then free it. The caller seeds the CPU generator."""
+    to its sinks once its last op has run, then free it. The caller seeds the CPU generator.
+    Returns how many ops ran and the most bytes of replayed storages alive at once."""
     ops = record.ops
     needed, run = set(sinks), [False] * len(ops)
     for i in range(len(ops) - 1, -1, -1):  # liveness: which ops produce something kept
@@ -234,10 +241,15 @@ def replay(record: InitRecord, sinks: dict[int, list[tuple[_Ref, Callable[[torch
     bases: dict[int, torch.UntypedStorage] = {}
     current: dict[int, int] = defaultdict(int)
 
+    peak = 0
+
     def base(sid: int) -> torch.UntypedStorage:
         if sid not in bases:
             bases[sid] = torch.UntypedStorage(record.nbytes[sid])
         return bases[sid]
+
+    def alive() -> int:
+        return sum(record.nbytes[s] for s in bases)
 
     def finish(sid: int) -> None:
         if sid in sinks and current[sid] == final.get(sid, 0):
@@ -266,6 +278,83 @@ def replay(record: InitRecord, sinks: dict[int, list[tuple[_Ref, Callable[[torch
                 else:
                     bases.pop(ref.sid, None)
                     _view(base(ref.sid), ref).copy_(t)
+            peak = max(peak, alive())
             for s in op.reads | op.writes | op.creates:
                 if last.get((s, current[s])) == i:
                     finish(s)
+    return {"ops": len(order), "peak_bytes": peak}
+
+
+def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under every name (a tied parameter once per name)."""
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
+@dataclass
+class MetaBuild:
+    """A model built on meta, its recorded initialisation, and the storage view behind each of its
+    tensors (by name, before parallelize wraps or shards anything)."""
+
+    model: nn.Module
+    record: InitRecord
+    refs: dict[str, _Ref]
+
+
+def record_build(build: Callable[[], nn.Module]) -> MetaBuild:
+    """Run ``build`` (which seeds the generator itself) on meta under an :class:`InitRecorder`."""
+    with torch.device("meta"), InitRecorder() as rec:
+        model = build()
+    tensors = named_tensors(model)
+    owners: dict[int, str] = {}
+    for name, t in tensors:
+        if id(t) in owners:  # to_empty makes one new tensor per module: the tie would not survive
+            raise NotRecordable(f"{owners[id(t)]} and {name} are one tied tensor")
+        owners[id(t)] = name
+        if t.device != _META:
+            raise NotRecordable(f"{name} was built on {t.device}, not on meta")
+    return MetaBuild(model, rec.record, {name: rec.record.ref(t) for name, t in tensors})
+
+
+def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The part of ``t`` this rank holds and its offset in the global tensor (zeros when not a
+    DTensor). Every placement bigtrain uses (Shard, _StridedShard, Replicate, over any mesh) holds
+    one box of the global tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return t, (0,) * t.ndim
+    local = t.to_local()
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(shape) != tuple(local.shape):
+        raise RuntimeError(f"local shard {tuple(local.shape)} differs from its placement's {tuple(shape)}")
+    return local, tuple(offset)
+
+
+def _fill(dest: torch.Tensor, full: torch.Tensor) -> None:
+    local, offset = local_box(dest)
+    if tuple(full.shape) != tuple(dest.shape):
+        raise RuntimeError(f"replayed tensor {tuple(full.shape)} does not match the model's {tuple(dest.shape)}")
+    local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))] if local.ndim else full)
+
+
+@torch.no_grad()
+def materialize(built: MetaBuild, model: nn.Module, device: torch.device, seed: int,
+                clean: Callable[[str], str] = lambda n: n) -> dict[str, int]:
+    """Allocate ``model`` (``built.model`` after parallelize) empty on ``device`` and fill each of
+    its tensors, this rank's box of it only, with the values a CPU build from ``seed`` gives.
+    ``clean`` maps the parallelized model's names back to the built ones (wrapper prefixes).
+    The host holds the tensors in flight, never the model; the CPU generator ends where the CPU
+    build leaves it. Returns the replay's figures and the elements written on this rank."""
+    model.to_empty(device=device)
+    dest = {clean(name): t for name, t in named_tensors(model)}
+    if set(dest) != set(built.refs):
+        odd = sorted(set(dest) ^ set(built.refs))
+        raise RuntimeError(f"parallelize changed the model's tensor names (e.g. {odd[0]}): cannot place the init")
+    sinks: dict[int, list[tuple[_Ref, Callable[[torch.Tensor], None]]]] = {}
+    for name, ref in built.refs.items():
+        sinks.setdefault(ref.sid, []).append((ref, lambda full, t=dest[name]: _fill(t, full)))
+    torch.manual_seed(seed)
+    stats = replay(built.record, sinks)
+    stats["elements"] = sum(local_box(t)[0].numel() for t in dest.values())
+    return stats

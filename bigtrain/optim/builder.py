@@ -13,16 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from bigtrain.config import ConfigError
 from bigtrain.config.schema import OptimConfig, parse_wd_mults
-
-
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    """Parameter name without activation-checkpointing / compile wrapper components."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from bigtrain.distributed.activation import clean_name
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

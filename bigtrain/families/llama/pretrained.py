@@ -23,7 +23,8 @@ from torch import nn
 from bigtrain.config import ConfigError
 from bigtrain.families import Pretrained, checkpoint_source, saved_model_section
 from bigtrain.models.causal_lm import ARCHITECTURES
-from bigtrain.optim.builder import clean_name
+from bigtrain.distributed.activation import clean_name
+from bigtrain.distributed.sharded_init import local_box
 
 # config.json key -> model.* key
 SIZE_KEYS = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
@@ -83,20 +84,6 @@ def weight_files(path: str) -> dict[str, str]:
     hint = " (only pytorch_model.bin, a pickle, which is never loaded: convert it with save_pretrained(safe_serialization=True))" \
         if os.path.isfile(os.path.join(path, "pytorch_model.bin")) else ""
     raise ConfigError(f"config key 'model.pretrained': no safetensors weights in {path}{hint}")
-
-
-def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The tensor this rank holds and its offset in the global tensor (zeros when unsharded)."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if not isinstance(param, DTensor):
-        return param, (0,) * param.ndim
-    local = param.to_local()
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    if tuple(shape) != tuple(local.shape):
-        raise RuntimeError(f"local shard {tuple(local.shape)} differs from its placement's {tuple(shape)}")
-    return local, tuple(offset)
 
 
 @torch.no_grad()
