@@ -13,30 +13,41 @@ Rows (bytes on the most loaded rank):
   and reduce-scatters one block of unsharded gradients; ZeRO-2 keeps every block gathered from
   forward to backward;
 * activations: measured, not modelled — a forward pass of the model (micro-batch of the family's
-  example batch) on ``meta`` under ``saved_tensors_hooks`` gives the bytes autograd saves per block
+  example batch) on fake tensors under ``saved_tensors_hooks`` gives the bytes autograd saves per block
   and outside the blocks (embedding, head, loss). Full activation checkpointing keeps each block's
   input plus one block's saved tensors while it is recomputed; TP splits the saved tensors of the
   blocks except those of hidden width (replicated unless sequence parallel, as Korthikanti et al.);
   backward holds one more block's worth of activation gradients. Autocast does not act on ``meta``
-  tensors, so with ``train.dtype=bfloat16`` activations are counted at their fp32 size (an upper
-  bound: autocast keeps matmul outputs in bf16, norm inputs and statistics in fp32);
+  tensors, so with ``train.dtype=bfloat16`` the forward runs on fake CPU tensors under CPU
+  autocast instead: saved tensors at the dtypes autocast produces (falling back to fp32 sizes, an
+  upper bound, where a fake tensor cannot run an op);
+* autocast weight copies (bf16 without FSDP): the bf16 copy of every weight autocast casts, which
+  its cache keeps until the forward ends;
+* FSDP unsharded gradients (ZeRO-2/3 with several passes per step: gradient accumulation or
+  pipeline micro-batches): FSDP2 accumulates unsharded fp32 gradients until the last pass;
 * components: the EMA's fp32 shadow (sharded like the parameters), a teacher's parameters;
 * optimizer step working set: fp32 temporaries of the largest local parameter;
+* on CPU with ``checkpoint.async_save``: the host copy the stager keeps of the saved state;
+* on CUDA, stated allowances (not measured): the caching allocator's reserve and NCCL's buffers;
 * runtime baseline: the process before any model exists (interpreter, torch, process group; on
-  CUDA the context and communicator buffers, which ``max_memory_allocated`` does not count).
+  CUDA the context). "Of which tensors" leaves out the last two kinds: what
+  ``torch.cuda.max_memory_allocated`` counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigtrain.config import Config, ConfigError
 from bigtrain.config.batching import plan_batches
@@ -49,8 +60,17 @@ GiB = 2**30
 # measured on the reference machine (python 3.11, torch 2.13 CPU): RSS of a rank after
 # `import bigtrain`, the gloo process group and the data loader with a tiny model: 336-408 MiB (README, "Memory")
 CPU_BASELINE = int(0.4 * GiB)
-# not measured here: the CUDA context, cuBLAS workspaces and NCCL buffers (outside max_memory_allocated)
+# not measured here: the CUDA context and cuBLAS workspaces (outside max_memory_allocated)
 CUDA_BASELINE = int(1.0 * GiB)
+# Stated allowances on CUDA, not measurements (the GPU check prints max_memory_reserved and
+# max_memory_allocated beside them): the caching allocator rounds blocks up and keeps freed ones
+# (reserved exceeds allocated by this fraction of the tensors), and each NCCL communicator keeps
+# channel buffers (NCCL_BUFFSIZE 4 MiB per channel and peer; tens of channels on NVLink nodes)
+ALLOCATOR_RESERVE = 0.10
+NCCL_PER_GROUP = int(0.25 * GiB)
+ALLOCATOR_ROW = "allocator reserve (allowance)"
+NCCL_ROW = "NCCL buffers (allowance)"
+BASELINE_ROW = "runtime baseline"
 
 
 @dataclass
@@ -63,6 +83,7 @@ class ActivationProfile:
     block_input: int  # one block's input (what full activation checkpointing keeps)
     outside: int  # embedding, final norm, head and loss
     blocks: int
+    cast_params: list[str] = field(default_factory=list)  # parameters autocast copied to bf16
 
 
 @dataclass
@@ -77,8 +98,14 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(self.rows.values())
 
+    @property
+    def tensors(self) -> int:
+        """The rows that are tensors (what ``torch.cuda.max_memory_allocated`` counts): the total
+        without the runtime baseline and the allowances."""
+        return sum(v for k, v in self.rows.items() if k not in (ALLOCATOR_ROW, NCCL_ROW, BASELINE_ROW))
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "tensors": self.tensors}
 
     def table(self) -> str:
         lay = self.layout
@@ -86,8 +113,10 @@ class MemoryEstimate:
                  f"ZeRO-{lay['zero']}, micro-batch {self.activations.get('micro_batch')}, "
                  f"activation checkpointing {self.activations.get('checkpointing')}"]
         for name, nbytes in self.rows.items():
-            lines.append(f"  {name:<28} {nbytes / GiB:9.3f} GiB")
-        lines.append(f"  {'total':<28} {self.total / GiB:9.3f} GiB")
+            lines.append(f"  {name:<40} {nbytes / GiB:9.3f} GiB")
+        lines.append(f"  {'total':<40} {self.total / GiB:9.3f} GiB")
+        if self.total != self.tensors:
+            lines.append(f"  {'of which tensors':<40} {self.tensors / GiB:9.3f} GiB")
         if self.activations.get("per_block"):
             lines.append(f"  (activations: {self.activations['per_block'] / 2**20:.1f} MiB saved per block, "
                          f"{self.activations['blocks']} blocks on this rank)")
@@ -100,35 +129,95 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
-    """Saved-tensor bytes of one forward on ``meta``, attributed to the block that saved them."""
-    from bigtrain.recipes import build_model, make_task, uses_teacher
+class _WeightCasts(TorchDispatchMode):
+    """Notes the copies autocast makes of parameters (``_to_copy`` of a parameter's storage): they
+    are the bf16 weight copies, one row of their own, not activations of the block that saved them."""
 
+    def __init__(self, params: dict[int, str]) -> None:
+        super().__init__()
+        self.params = params
+        self.copies: dict[int, str] = {}  # copy's storage -> parameter name
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and torch.is_tensor(args[0]):
+            name = self.params.get(_storage_key(args[0]))
+            if name is not None:
+                self.copies[_storage_key(out)] = name
+        return out
+
+
+def _traced_model(fake: bool, bf16: bool) -> tuple[Any, Callable[[], Any]]:
+    """(tensor mode, autocast) for the profile. Fake CPU tensors by default: autocast acts on them
+    (not on meta ones), so under bf16 saved tensors come out at the dtypes it produces, and
+    attention takes the fused kernel a CPU or GPU run takes (on meta it decomposes into the math
+    path, which saves the whole score matrix). The autocast policy is the CPU one (CUDA's also keeps
+    norms and softmax in fp32). ``fake`` False: meta, fp32 sizes (the fallback, an upper bound)."""
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fake and bf16 else contextlib.nullcontext
+    return (_fake_build() if fake else torch.device("meta")), autocast
+
+
+@contextlib.contextmanager
+def _fake_build() -> Any:
+    """Fake CPU tensors; ``trunc_normal_`` (rejection sampling: it reads values) does nothing, as on
+    meta: no value is ever read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    own = torch.nn.init.trunc_normal_
+    torch.nn.init.trunc_normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        torch.nn.init.trunc_normal_ = own
+
+
+def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
+    """Saved-tensor bytes of one forward on ``meta`` (bf16: fake tensors under autocast),
+    attributed to the block that saved them."""
     family = get_family(cfg.model.family)
     if family.example_batch is None:
         raise ConfigError(f"model.family={family.name} declares no example_batch: its activations cannot be profiled")
+    try:
+        return _profile_in(cfg, micro_batch, family, True)
+    except Exception as exc:  # an op the fake tensors cannot run (a value read): meta, fp32 sizes, an upper bound
+        log.warning("activations not traced on fake tensors (%s: %s): counted on meta, at fp32 size",
+                    type(exc).__name__, exc)
+    return _profile_in(cfg, micro_batch, family, False)
+
+
+def _profile_in(cfg: Config, micro_batch: int, family: Any, fake: bool) -> ActivationProfile:
+    from bigtrain.recipes import build_model, make_task, uses_teacher
+
     live_teacher = uses_teacher(cfg) and not cfg.distill.logits
-    with torch.device("meta"):
+    mode, autocast = _traced_model(fake, cfg.train.dtype == "bfloat16")
+    with mode:
         model = build_model(cfg)
         teacher = build_model(cfg, "teacher").eval().requires_grad_(False) if live_teacher else None
-    model.train()
-    task = make_task(cfg, model, teacher)
-    batch = {k: v.to("meta") if torch.is_tensor(v) else v
-             for k, v in family.example_batch(cfg.model, micro_batch, torch.Generator().manual_seed(0)).items()}
-    if cfg.distill.logits:  # the stored targets' fields, as the loader adds them
-        from data_pipeline.logits import read_meta
+        model.train()
+        task = make_task(cfg, model, teacher)
+        batch = {k: torch.empty_like(v, device="cpu" if fake else "meta") if torch.is_tensor(v)
+                 else v for k, v in family.example_batch(cfg.model, micro_batch, torch.Generator().manual_seed(0)).items()}
+        if cfg.distill.logits:  # the stored targets' fields, as the loader adds them
+            from data_pipeline.logits import read_meta
 
-        stored = read_meta(cfg.distill.logits)
-        shape = (micro_batch, stored.items, stored.top_k)
-        batch.update(t_val=torch.zeros(shape, device="meta"), t_idx=torch.zeros(shape, dtype=torch.long, device="meta"),
-                     t_lse=torch.zeros(shape[:2], device="meta"))
-    skip = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+            stored = read_meta(cfg.distill.logits)
+            shape = (micro_batch, stored.items, stored.top_k)
+            batch.update(t_val=torch.zeros(shape), t_idx=torch.zeros(shape, dtype=torch.long), t_lse=torch.zeros(shape[:2]))
+        return _profile(model, task, batch, autocast, micro_batch)
+
+
+def _profile(model: nn.Module, task: nn.Module, batch: dict[str, Any], autocast: Callable[[], Any],
+             micro_batch: int) -> ActivationProfile:
+    params = {_storage_key(p): n for n, p in model.named_parameters()}
+    skip = set(params) | {_storage_key(t) for t in model.buffers()}
     skip |= {_storage_key(v) for v in batch.values() if torch.is_tensor(v)}
     blocks = dict(model.blocks.items()) if hasattr(model, "blocks") else {}
     current: list[str] = []
     saved: dict[str, dict[int, tuple[int, int]]] = {}  # block ('' = outside) -> storage -> (bytes, last dim)
     inputs: dict[str, int] = {}
     hidden: dict[str, int] = {}
+    casts = _WeightCasts(params)
 
     def pre(name: str) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -144,13 +233,13 @@ def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
-        if key not in skip:
+        if key not in skip and key not in casts.copies:
             saved.setdefault(current[-1] if current else "", {})[key] = (t.untyped_storage().nbytes(), t.shape[-1] if t.ndim else 0)
         return t
 
     handles = [h for name, b in blocks.items() for h in (b.register_forward_pre_hook(pre(name)), b.register_forward_hook(post))]
     try:
-        with saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensors_hooks(pack, lambda t: t), autocast(), casts:
             task(batch)
     finally:
         for h in handles:
@@ -159,7 +248,8 @@ def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
     largest = max(per_block, key=per_block.get) if per_block else ""
     hidden_bytes = sum(b for b, d in saved.get(largest, {}).values() if d == hidden.get(largest))
     return ActivationProfile(micro_batch, per_block.get(largest, 0), hidden_bytes, inputs.get(largest, 0),
-                             sum(b for b, _ in saved.get("", {}).values()), len(blocks))
+                             sum(b for b, _ in saved.get("", {}).values()), len(blocks),
+                             cast_params=sorted(set(casts.copies.values())))
 
 
 def _block_params(model: nn.Module) -> set[int]:
@@ -206,7 +296,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     """The per-rank estimate of ``cfg`` on ``world_size`` processes (see the module docstring)."""
     pp, dp, tp = infer_degrees(cfg.parallel, world_size)
     zero = cfg.parallel.zero
-    fsdp = zero >= 2
+    fsdp = zero >= 2 and (dp > 1 or world_size == 1)  # as ParallelState.uses_fsdp
     plan = plan_batches(cfg, dp, pp)
     spec = get_optimizer(cfg.optim.name)
     model, nblocks = _stage_model(cfg, pp)
@@ -231,7 +321,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     param_bytes = 2 if cfg.train.dtype == "bfloat16" and fsdp else 4
     blocks = getattr(model, "blocks", None)
     unit = max((sum(p.numel() for p in b.parameters()) // tp for b in blocks.values()), default=0) if blocks is not None else 0
-    if fsdp and dp > 1:
+    if fsdp:
         if zero == 3:
             rows["FSDP all-gather buffers"] = unit * param_bytes * 2 + unit * 4
         else:
@@ -241,6 +331,17 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     except Exception as exc:  # a family without an example batch, or an op with no meta kernel
         log.warning("activations not estimated (%s: %s): the estimate is a lower bound", type(exc).__name__, exc)
         prof = ActivationProfile(plan.micro, 0, 0, 0, 0, nblocks)
+    if cfg.train.dtype == "bfloat16" and not fsdp:
+        # autocast caches a bf16 copy of each weight it casts until the forward ends (and autograd
+        # keeps them to the backward without checkpointing); FSDP's mixed precision gathers bf16
+        # parameters instead, already counted in its buffers
+        rows["autocast weight copies (bf16)"] = sum(2 * math.prod(local[n]) for n in prof.cast_params if n in local)
+    passes = plan.accum_steps if pp == 1 else plan.pipeline_microbatches
+    if fsdp and passes > 1:
+        # no reduce-scatter before the last pass: FSDP2 accumulates unsharded fp32 gradients (its
+        # reduce dtype) of every block of the rank until then
+        rows["FSDP unsharded gradients (accumulation)"] = sum(
+            4 * math.prod(_local_numel(p, block_params, dp, tp, False)) for _, p in trainable)
     act, act_info = _activations(cfg, prof, nblocks, tp, pp, plan)
     rows["activations"] = act
     if cfg.ema.decay > 0:
@@ -255,7 +356,14 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
                                          * param_bytes for p in teacher.parameters())
     largest = max((math.prod(s) for s in local.values()), default=0)
     rows["optimizer step working set"] = 3 * 4 * largest
-    rows["runtime baseline"] = CUDA_BASELINE if device == "cuda" else CPU_BASELINE
+    if cfg.checkpoint.async_save and device == "cpu":  # on CUDA the copy is in (pinned) host memory
+        rows["async-save host copy"] = params + opt + rows.get("EMA shadow (fp32)", 0)
+    if device == "cuda":
+        rows[ALLOCATOR_ROW] = int(ALLOCATOR_RESERVE * sum(rows.values()))
+        groups = sum(n > 1 for n in (dp, tp, pp))
+        if groups:
+            rows[NCCL_ROW] = groups * NCCL_PER_GROUP
+    rows[BASELINE_ROW] = CUDA_BASELINE if device == "cuda" else CPU_BASELINE
     return MemoryEstimate(world_size, {"pp": pp, "dp": dp, "tp": tp, "zero": zero}, rows, act_info)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,3 +280,39 @@ def test_bit_rot_in_another_ranks_file_falls_back_on_every_rank(uninterrupted: P
     assert len(corrupt) == 1 and target.name in corrupt[0]["reason"]
     assert [p.name.split(".")[0] for p in (run / "checkpoints-aside").iterdir()] == ["step_00000024"]
     _assert_bit_identical(run, uninterrupted)
+
+
+def _one_process(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "bigtrain", "train", str(TEST_CONFIG), *COMMON, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_one_process_zero3_is_fsdp_on_one_rank_and_resumes_exactly(digits_dir: str, tmp_path: Path) -> None:
+    """ZeRO-3 in one process is FSDP2 over a 1-rank mesh (the GPU check's world-size-1 FSDP + DCP
+    run needs it; before, it trained unsharded): parameters are DTensors, losses equal ZeRO-0's,
+    and a run resumed from its asynchronous step-3 checkpoint repeats steps 4-6 bit for bit."""
+    args = [f"data.dir={digits_dir}", "train.steps=6", "checkpoint.every_steps=3", "checkpoint.async_save=true",
+            "schedule.cooldown_steps=2", "train.micro_batch_size=8"]  # accumulation: FSDP's no-sync path too
+    z0, z3 = tmp_path / "zero0", tmp_path / "zero3"
+    for run, zero in ((z0, 0), (z3, 3)):
+        proc = _one_process(*args, f"run.dir={run}", f"parallel.zero={zero}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = train_records(z0), train_records(z3)
+    assert [got[s]["loss"] for s in range(1, 7)] == [ref[s]["loss"] for s in range(1, 7)]
+    probe = ("from bigtrain.config import load_config; from bigtrain.distributed import ParallelState; "
+             "from bigtrain.recipes import build_parallel; from bigtrain.families import get_family; "
+             f"cfg = load_config({str(TEST_CONFIG)!r}, ['parallel.zero=3']); ps = ParallelState.create(cfg.parallel); "
+             "m = build_parallel(cfg, get_family(cfg.model.family), ps, None); "
+             "print(sorted({type(p).__name__ for p in m.parameters()}), ps.world_size)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["['DTensor']", "1"], out.stdout + out.stderr[-2000:]
+    again = tmp_path / "again"
+    shutil.copytree(z3, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000006")
+    proc = _one_process(*args, f"run.dir={again}", "parallel.zero=3")
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    resumed = train_records(again)
+    assert [resumed[s]["loss"] for s in (4, 5, 6)] == [got[s]["loss"] for s in (4, 5, 6)]
+    a, b = model_params(again / "checkpoints" / "step_00000006"), model_params(z3 / "checkpoints" / "step_00000006")
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -278,6 +278,7 @@ class Checkpointer:
         self.head: str | None = None  # the checkpoint the current state descends from (next save's parent)
         self.events: list[dict[str, Any]] = []  # records for metrics.jsonl (checkpoint_corrupt, ...)
         self._deletions: list[threading.Thread] = []  # pruned checkpoints being removed
+        self._stager: Any = None  # the async saves' stager: host buffers kept from save to save
 
     # --- collectives (identity in one process) ------------------------------------------------------
     def _broadcast(self, obj: Any) -> Any:
@@ -335,7 +336,8 @@ class Checkpointer:
         try:
             with _single_process_ok():
                 if asynchronous:
-                    future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=not _distributed())
+                    future = dcp.async_save(state, storage_writer=writer, process_group=self.group,
+                                            no_dist=not _distributed(), async_stager=self.stager())
                     self.pending = _PendingSave(step, tmp, final, meta, future, t0)  # type: ignore[arg-type]
                     self.last_blocked_s = time.perf_counter() - t0
                     return final
@@ -348,6 +350,21 @@ class Checkpointer:
         self._commit(tmp, final, meta, t0)
         self.last_blocked_s = time.perf_counter() - t0
         return final
+
+    def stager(self) -> Any:
+        """The stager of every asynchronous save of this run: DCP's ``DefaultStager``, blocking (the
+        caller may change the state as soon as ``save`` returns), which allocates its host copy at
+        the first save and reuses it (a fresh pageable copy of the whole state per save is what
+        made saves block: allocation and page faults, not the copy), pinned on CUDA so the device
+        copies run at full bandwidth. The one previous save is always written before it is reused."""
+        if self._stager is None:
+            import torch
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
 
     def _discard(self, tmp: str) -> None:
         """A failed save's temporary directory goes at once: it must not keep the disk full."""

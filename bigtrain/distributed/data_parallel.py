@@ -176,7 +176,7 @@ class DataParallel:
         bucketed all-reduce; ZeRO-2/3: FSDP's reduce-scatter)."""
         if self.overlap is not None and last_micro_batch:
             self.overlap.arm()
-        if self.zero >= 2 and self.ps.dp > 1:
+        if self.ps.uses_fsdp(self.zero):
             for m in self.parts:
                 if isinstance(m, FSDPModule):
                     m.set_requires_gradient_sync(last_micro_batch)

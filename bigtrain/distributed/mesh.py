@@ -139,7 +139,9 @@ class ParallelState:
         env = env or LaunchEnv.detect()
         pp, dp, tp = infer_degrees(cfg, env.world_size)
         state = cls(cfg, env, pp, dp, tp, device=pick_device(cfg, env))
-        if env.world_size > 1:
+        # ZeRO-2/3 in one process: FSDP2 over a 1-rank mesh (legal in torch; what a one-GPU check of
+        # the FSDP + DCP paths needs) instead of silently training unsharded
+        if env.world_size > 1 or cfg.zero >= 2:
             state._init_process_group()
             state.mesh = init_device_mesh(state.device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         return state
@@ -155,10 +157,11 @@ class ParallelState:
             os.environ.setdefault("MASTER_PORT", str(self.env.master_port))
             # device_id binds the process to its GPU and creates NCCL's communicator now (eagerly), not at
             # the first collective, where a slow or failing NCCL start would look like a hung step
+            alone = {"store": dist.HashStore()} if self.env.world_size == 1 else {}  # no port for a 1-rank group
             dist.init_process_group(
                 backend, rank=self.env.rank, world_size=self.env.world_size,
                 timeout=timedelta(seconds=self.cfg.timeout_s),
-                **({"device_id": self.device} if backend == "nccl" else {}),
+                **({"device_id": self.device} if backend == "nccl" else {}), **alone,
             )
         log.info("process group: %s, %d ranks (%s), layout pp%d x dp%d x tp%d",
                  backend, self.env.world_size, self.env.source, self.pp, self.dp, self.tp)
@@ -190,6 +193,11 @@ class ParallelState:
     @property
     def pp_rank(self) -> int:
         return self._local("pp")
+
+    def uses_fsdp(self, zero: int) -> bool:
+        """Whether ZeRO stage ``zero`` shards with FSDP2 here: over dp > 1 ranks, or over the one
+        rank of a single-process run (see ``create``)."""
+        return zero >= 2 and self.mesh is not None and (self.dp > 1 or self.world_size == 1)
 
     def submesh(self, *dims: str) -> DeviceMesh | None:
         if self.mesh is None:

@@ -21,6 +21,7 @@ the device, then replay, each finished tensor copied into the box of it that thi
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class InitRecorder(TorchDispatchMode):
         super().__init__()
         self.record = InitRecord()
         self._saved: list[tuple[Any, str, Any]] = []
+        self._hf_patched = False
 
     def __enter__(self) -> InitRecorder:
         # Initialisers that return early on meta (torch 2.13's trunc_normal_ rejection-samples, a
@@ -120,11 +122,13 @@ class InitRecorder(TorchDispatchMode):
     def _run_hf_init_on_meta(self) -> None:
         """Hugging Face's ``init_weights`` skips initialisation under a meta device context (there is
         nothing to fill); here the fills are what is recorded, so it runs, at the point of the build
-        where a CPU build runs it (same random stream)."""
-        try:
-            from transformers import modeling_utils
-        except ImportError:
+        where a CPU build runs it (same random stream). Patched once transformers is imported (on
+        entry or at the first op after a builder imports it: an HF module makes its parameters before
+        its ``post_init`` initialises them); never imported here, which would cost seconds."""
+        modeling_utils = sys.modules.get("transformers.modeling_utils")
+        if self._hf_patched or modeling_utils is None:
             return
+        self._hf_patched = True
         if not hasattr(modeling_utils, "get_torch_context_manager_or_global_device"):
             return
         own = modeling_utils.PreTrainedModel.init_weights
@@ -145,6 +149,7 @@ class InitRecorder(TorchDispatchMode):
         for owner, name, own in reversed(self._saved):
             setattr(owner, name, own)
         self._saved.clear()
+        self._hf_patched = False
 
     def _python_init(self, own: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -163,6 +168,7 @@ class InitRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        self._run_hf_init_on_meta()
         out = func(*args, **kwargs)
         random = torch.Tag.nondeterministic_seeded in func.tags
         leaves, spec = tree_flatten((args, kwargs))

@@ -99,7 +99,7 @@ def parallelize_transformer(
         # hooks outside the graphs and lets identical blocks reuse one compiled graph.
         for block in blocks.values():
             block.compile()
-    if cfg.zero >= 2 and ps.dp > 1:
+    if ps.uses_fsdp(cfg.zero):
         apply_fsdp(list(blocks.values()), model, ps, cfg.zero, param_dtype)
     return model
 

@@ -48,6 +48,6 @@ def parallelize_unet(model: nn.Module, ps: ParallelState, cfg: Config, param_dty
     if p.compile:
         for _, _, unit in found:
             unit.compile()
-    if p.zero >= 2 and ps.dp > 1:
+    if ps.uses_fsdp(p.zero):
         apply_fsdp([unit for _, _, unit in found], model, ps, p.zero, param_dtype)
     return model
