@@ -7,7 +7,6 @@ data stream and checkpointer. Neither it nor the trainer branches on the family 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, TEST_CONFIG
 
@@ -72,6 +73,11 @@ def test_gpu_check_code_paths_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixtu
     rows = report["speed"]["rows"]
     assert [r["impl"] for r in rows] == ["plain PyTorch (eager)", "bigtrain"] * 2
     assert all(r["step_s"] > 0 and 0 < r["mfu"] for r in rows)
+    assert all(r["estimate_tensors_gb"] > 0 and r["sdpa"] for r in rows), "estimate and SDPA kernel beside each row"
+    fsdp = report["fsdp"]  # ZeRO-3 in one process: FSDP2 on a 1-rank mesh, async save, resume
+    assert fsdp["resumed"] and fsdp["async_flag"] and fsdp["async_save_blocked_s"] > 0, fsdp
+    assert fsdp["step_s_before_resume"] > 0 and fsdp["step_s_after_resume"] > 0
+    assert report["versions"]["torch"] == torch.__version__
     assert "| vit (tiny) | bigtrain |" in capsys.readouterr().out
 
 

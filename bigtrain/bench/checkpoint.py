@@ -13,7 +13,8 @@ state in total), then measures in one run:
 * bigtrain's synchronous save (``Checkpointer.save``: DCP write with checksums computed in the
   writer threads + fsync + manifest + commit);
 * the asynchronous save: how long the training loop is blocked (state copied to
-  memory) and how long until the checkpoint is committed;
+  memory: the first save, which allocates the stager's host copy, and the best later one, which
+  reuses it) and how long until the checkpoint is committed;
 * the verification alone (sizes + checksum of every file, cold) and the load of model +
   optimizer state (files evicted from the page cache first; the load verifies first).
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="bigtrain-ckpt-bench-", dir=args.dir)
     try:
         disk_w = disk_r = 0.0
-        plain_s = sync_s = blocked_s = async_total_s = verify_s = load_s = float("inf")
+        plain_s = sync_s = async_total_s = verify_s = load_s = float("inf")
+        blocked: list[float] = []
         ckpt = Checkpointer(work, keep_last=1, write_threads=args.write_threads)
         for i in range(args.repeats):
             w, r = disk_bandwidth(work, nbytes)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.wait()  # the pruned previous checkpoint is removed in the background: not in the next timing
             t0 = time.perf_counter()
             ckpt.save(2 * i + 2, state, asynchronous=True)
-            blocked_s = min(blocked_s, time.perf_counter() - t0)
+            blocked.append(time.perf_counter() - t0)
             ckpt.wait()
             async_total_s = min(async_total_s, time.perf_counter() - t0)
             path = ckpt.latest() or path
@@ -141,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| plain DCP save (no checksums, no commit) | {plain_s:.2f} | {gb / plain_s:.2f} | {nbytes / plain_s / disk_w:.2f} |")
         print(f"| bigtrain sync save (checksums + commit included) | {sync_s:.2f} | {gb / sync_s:.2f} | "
               f"{nbytes / sync_s / disk_w:.2f} ({sync_s / plain_s:.2f}x plain DCP time) |")
-        print(f"| bigtrain async save: training blocked | {blocked_s:.2f} | {gb / blocked_s:.2f} | "
+        blocked_s = min(blocked[1:] or blocked)
+        print(f"| bigtrain async save: training blocked, first save | {blocked[0]:.2f} | {gb / blocked[0]:.2f} | "
+              f"{blocked[0] / sync_s:.2f} of sync |")
+        print(f"| bigtrain async save: training blocked, later saves (best) | {blocked_s:.2f} | {gb / blocked_s:.2f} | "
               f"{blocked_s / sync_s:.2f} of sync |")
         print(f"| bigtrain async save: until committed | {async_total_s:.2f} | {gb / async_total_s:.2f} | "
               f"{nbytes / async_total_s / disk_w:.2f} |")

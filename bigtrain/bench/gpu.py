@@ -15,16 +15,26 @@
    input embedding) + 12 x layers x width x sequence (attention scores and values, forward +
    backward); ViT FLOPs from its matmul count.
 
-Prints a markdown table and writes ``gpu_check.json`` into ``--out``. ``--device cpu --tiny``
-runs the same code paths on the CPU with tiny models (what the test suite does).
-Multi-GPU (NCCL) layouts cannot be checked with one GPU.
+   Beside each row: the estimator's figure (``bigtrain estimate``: its tensors, what
+   ``max_memory_allocated`` counts, and its total with the stated allowances) and the measured
+   peak allocated *and* reserved memory, and which SDPA kernel ran (from the profiler's op names).
+3. **FSDP + DCP on one rank.** ``parallel.zero=3`` in one process (FSDP2 over a 1-rank mesh, the
+   NCCL group on the GPU) with the factored optimizer: an asynchronous save (its blocking time),
+   a synchronous final save, a resume from the asynchronous one, and the optimizer's step time
+   before and after that resume.
+
+Prints the versions (torch, CUDA, NCCL, cuDNN, GPU and its memory), a markdown table and writes
+``gpu_check.json`` into ``--out``. ``--device cpu --tiny`` runs the same code paths on the CPU with
+tiny models (what the test suite does). Multi-GPU (NCCL) layouts cannot be checked with one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -58,25 +68,46 @@ def nominal_peak(name: str) -> float | None:
 
 
 # --- 1. function: train, save, resume on the device --------------------------------------------------
-def _train(family: Any, run: Path, data: Path, device: str, dtype: str) -> tuple[int, str]:
+def versions(device: str) -> dict[str, Any]:
+    """What ran: Python, torch, CUDA, NCCL, cuDNN, the GPU and its memory, the optional packages."""
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        out.update(cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())),
+                   cudnn=torch.backends.cudnn.version(), gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   capability=f"{props.major}.{props.minor}")
+    for pkg in ("transformers", "diffusers", "webdataset"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _train(family: Any, run: Path, data: Path, device: str, dtype: str, *extra: str) -> tuple[int, str]:
     config = run.parent / f"{family.name}.yaml"
     config.write_text(f"model:\n  family: {family.name}\n")
     args = [sys.executable, "-m", "bigtrain", "train", str(config), *family.debug_overrides, f"run.dir={run}", f"data.dir={data}",
             "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=0", "eval.every_steps=0",
             "eval.fewshot=false", "schedule.warmup_steps=1", "schedule.cooldown_steps=2", "log.every_steps=1",
-            f"parallel.device={device}", f"train.dtype={dtype}"]
+            f"parallel.device={device}", f"train.dtype={dtype}", *extra]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
     return proc.returncode, proc.stderr
 
 
-def _losses(run: Path) -> dict[int, float]:
+def _records(run: Path, kind: str) -> dict[int, dict[str, Any]]:
+    """The last record of ``kind`` per step (a resumed run rewrites the steps after its checkpoint)."""
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if r["kind"] == "train":
-            out[r["step"]] = r["loss"]
+        if r["kind"] == kind:
+            out[r["step"]] = r
     return out
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in _records(run, "train").items()}
 
 
 def _max_rel_diff(ref: dict[int, float], got: dict[int, float], steps: range) -> float:
@@ -94,8 +125,7 @@ def function_check(work: Path, device: str, dtype: str) -> list[dict[str, Any]]:
         rc, err = _train(family, run, data, device, dtype)
         row: dict[str, Any] = {"family": name, "trained": rc == 0, "seconds": round(time.perf_counter() - t0, 1)}
         if rc == 0:
-            shutil.copytree(run, again)
-            shutil.rmtree(again / "checkpoints" / "step_00000008")
+            _restart_from_step4(run, again)
             rc, err = _train(family, again, data, device, dtype)
             resumed = rc == 0 and "resumed from" in err
             # the noise floor: a second uninterrupted run. On CUDA (SDPA and convolution backward are not
@@ -112,6 +142,39 @@ def function_check(work: Path, device: str, dtype: str) -> list[dict[str, Any]]:
             row["skipped"] = "pip install 'bigtrain[" in row["error"]
         rows.append(row)
     return rows
+
+
+def _restart_from_step4(run: Path, again: Path) -> None:
+    shutil.copytree(run, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000008")
+
+
+def fsdp_check(work: Path, device: str, dtype: str) -> dict[str, Any]:
+    """ZeRO-3 in one process (FSDP2 over a 1-rank mesh; NCCL on a GPU) with the factored optimizer:
+    an asynchronous save at step 4, a synchronous final save, a resume from step 4."""
+    from bigtrain.families import get_family
+
+    family = get_family("vit")
+    extra = ("parallel.zero=3", "optim.name=factored", "checkpoint.async_save=true")
+    run, again, data = work / "fsdp", work / "fsdp-resumed", work / "data-vit"
+    rc, err = _train(family, run, data, device, dtype, *extra)
+    out: dict[str, Any] = {"trained": rc == 0}
+    if rc == 0:
+        _restart_from_step4(run, again)
+        rc, err = _train(family, again, data, device, dtype, *extra)
+        out["resumed"] = rc == 0 and "resumed from" in err
+    if rc != 0:
+        out["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
+        return out
+    saves = _records(run, "checkpoint")
+    first, resumed = _records(run, "train"), _records(again, "train")
+    out.update(async_save_blocked_s=saves[4]["blocked_s"], async_flag=saves[4]["async"],
+               final_save_blocked_s=saves[8]["blocked_s"], final_async=saves[8]["async"],
+               max_rel_loss_diff=_max_rel_diff(_losses(run), _losses(again), range(5, 9)),
+               # the first step of each process compiles kernels and allocates: steps 2-4 vs 6-8
+               step_s_before_resume=statistics.median(first[s]["step_time_s"] for s in (2, 3, 4)),
+               step_s_after_resume=statistics.median(resumed[s]["step_time_s"] for s in (6, 7, 8)))
+    return out
 
 
 # --- 2. speed -----------------------------------------------------------------------------------------
@@ -243,6 +306,8 @@ def _measure(step: Any, model: torch.nn.Module, cfg: Any, device: torch.device, 
     from bigtrain.families import get_family
     from bigtrain.recipes import train_flops_per_sample
 
+    from bigtrain.memory import GiB, estimate
+
     times = _time_steps(step, device, warmup, steps)
     t = statistics.median(times)
     flops = train_flops_per_sample(model, cfg) * cfg.train.global_batch_size
@@ -250,8 +315,19 @@ def _measure(step: Any, model: torch.nn.Module, cfg: Any, device: torch.device, 
     out = {"step_s": t, "best_step_s": min(times), "items_per_s": cfg.train.global_batch_size * per_sample / t,
            "model_flops_per_s": flops / t}
     if device.type == "cuda":
-        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GiB
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GiB
+    est = estimate(cfg, 1, device.type)
+    out.update(estimate_tensors_gb=est.tensors / GiB, estimate_total_gb=est.total / GiB, sdpa=sdpa_kernels(step))
     return out
+
+
+def sdpa_kernels(step: Any) -> list[str]:
+    """The scaled-dot-product-attention ops one more step ran (flash, efficient, cuDNN, math)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sorted({e.key.removeprefix("aten::") for e in prof.key_averages()
+                   if e.key.startswith("aten::_scaled_dot_product") and "backward" not in e.key})
 
 
 def speed_check(device: torch.device, tiny: bool, dtype: str, work: Path) -> dict[str, Any]:
@@ -276,23 +352,27 @@ def speed_check(device: torch.device, tiny: bool, dtype: str, work: Path) -> dic
     return {"device": name, "gemm_peak_flops": peak, "nominal_peak_flops": nominal, "rows": rows}
 
 
-def table(function: list[dict[str, Any]], speed: dict[str, Any]) -> str:
-    lines = [f"# {speed['device']}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; measured GEMM peak "
+def table(function: list[dict[str, Any]], speed: dict[str, Any], fsdp: dict[str, Any], vers: dict[str, Any]) -> str:
+    lines = [f"# {speed['device']}, {time.strftime('%Y-%m-%d')}; measured GEMM peak "
              f"{speed['gemm_peak_flops'] / 1e12:.1f} TFLOP/s"
              + (f", nominal {speed['nominal_peak_flops'] / 1e12:.0f}" if speed["nominal_peak_flops"] else ""),
+             "", "versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
              "", "| family | trained 8 steps | resumed from step 4 | max rel. loss diff, steps 5-8 | noise floor (a second "
              "uninterrupted run) |", "|---|---|---|---|---|"]
     for r in function:
         lines.append(f"| {r['family']} | {r['trained']} | {r.get('resumed', False)} | {r.get('max_rel_loss_diff', 'n/a')} "
                      f"| {r.get('noise_rel_loss_diff', 'n/a')} |" + (f" {r['error']}" if "error" in r else ""))
-    lines += ["", "| model | loop | step (s) | items/s | MFU (measured peak) | MFU (nominal) | peak mem (GB) | vs plain |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | loop | step (s) | items/s | MFU (measured peak) | MFU (nominal) | peak allocated / reserved "
+              "(GiB) | estimate: tensors / total (GiB) | SDPA | vs plain |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in speed["rows"]:
         nominal = f"{r['mfu_nominal']:.1%}" if r.get("mfu_nominal") else "n/a"
-        mem = f"{r['peak_allocated_gb']:.1f}" if "peak_allocated_gb" in r else "n/a"
+        mem = f"{r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f}" if "peak_allocated_gb" in r else "n/a"
         vs = f"{r['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in r else ""
         lines.append(f"| {r['model']} | {r['impl']} | {r['step_s']:.4f} | {r['items_per_s']:.0f} | {r['mfu']:.1%} | {nominal} "
-                     f"| {mem} | {vs} |")
+                     f"| {mem} | {r['estimate_tensors_gb']:.1f} / {r['estimate_total_gb']:.1f} | {', '.join(r['sdpa']) or 'none'} "
+                     f"| {vs} |")
+    lines += ["", "| ZeRO-3, one rank (FSDP2), factored | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in fsdp.items()]
     return "\n".join(lines)
 
 
@@ -308,18 +388,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     work = Path(tempfile.mkdtemp(prefix="bigtrain-gpu-"))
+    vers = versions(args.device)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
     try:
         function = function_check(work, args.device, dtype)
+        fsdp = fsdp_check(work, args.device, dtype)
         speed = speed_check(torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"),
                             args.tiny, dtype, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(function, speed))
+    print(table(function, speed, fsdp, vers))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump({"function": function, "speed": speed, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
-                  f, indent=1, default=str)
-    return 0 if all((r["trained"] and r.get("resumed")) or r.get("skipped") for r in function) else 1
+        json.dump({"function": function, "speed": speed, "fsdp": fsdp, "versions": vers, "torch": torch.__version__,
+                   "date": time.strftime("%Y-%m-%d")}, f, indent=1, default=str)
+    ok = all((r["trained"] and r.get("resumed")) or r.get("skipped") for r in function)
+    return 0 if ok and fsdp.get("resumed") else 1
 
 
 if __name__ == "__main__":
