@@ -68,3 +68,70 @@ def test_replayed_init_equals_the_cpu_build_bitwise() -> None:
 def test_replayed_family_init_equals_the_cpu_build_bitwise(config: str) -> None:
     cfg = load_config(ROOT / "configs" / config, [])
     _check(lambda: build_model(cfg), seed=cfg.train.seed)
+
+
+class _Stack(nn.Module):
+    """Hugging Face's order: every parameter created first, all initialised afterwards."""
+
+    def __init__(self, n: int = 6, width: int = 64) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.weight.normal_(0, 0.02)
+                layer.bias.zero_()
+
+
+def test_materialize_fills_an_empty_model_and_holds_one_tensor_in_flight() -> None:
+    """record_build + materialize (what build_parallel does per rank, here without a mesh): the
+    values of the CPU build; the replay holds at most two layers' storages at once (not the model),
+    and leaves the generator where the CPU build leaves it."""
+    from bigtrain.distributed.sharded_init import materialize, record_build
+
+    def build() -> nn.Module:
+        torch.manual_seed(5)
+        return _Stack()
+
+    ref = build()
+    after_ref = torch.rand(3)
+    built = record_build(build)
+    stats = materialize(built, built.model, torch.device("cpu"), seed=5)
+    for name, t in ref.state_dict().items():
+        assert torch.equal(built.model.state_dict()[name], t), name
+    assert torch.equal(torch.rand(3), after_ref)
+    layer = 64 * 64 * 4 + 64 * 4
+    assert stats["elements"] == sum(p.numel() for p in ref.parameters())
+    assert stats["peak_bytes"] <= 2 * layer < 6 * layer, stats
+
+
+def test_what_cannot_be_recorded_is_refused_by_name() -> None:
+    """A tie (to_empty would break it) and CPU random numbers drawn during a meta build raise
+    NotRecordable, which build_parallel turns into the whole CPU build."""
+    from bigtrain.distributed.sharded_init import NotRecordable, record_build
+
+    with pytest.raises(NotRecordable, match="head.weight"):
+        record_build(_Tied)
+
+    class CpuNoise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, device="cpu"))
+
+    with pytest.raises(NotRecordable, match="random"):
+        record_build(CpuNoise)
+
+
+def test_a_tensor_left_uninitialised_on_meta_is_refused() -> None:
+    """An initialiser that returns early on meta (as some Hugging Face releases do) would leave
+    torch.empty's garbage: refused, so build_parallel builds on the CPU, where it runs."""
+    from bigtrain.distributed.sharded_init import NotRecordable, record_build
+
+    class SkipsMeta(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(4, 4))
+            if self.w.device.type != "meta":
+                nn.init.ones_(self.w)
+
+    with pytest.raises(NotRecordable, match="w is never initialised"):
+        record_build(SkipsMeta)

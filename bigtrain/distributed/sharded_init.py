@@ -36,6 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 _OVERWRITES = {"uniform_", "normal_", "fill_", "zero_", "copy_", "random_", "exponential_", "bernoulli_",
                "geometric_", "cauchy_", "log_normal_"}
 _META = torch.device("meta")
+# Creation ops that leave memory as it was: a tensor only they touched was never initialised.
+_UNFILLED = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}
 # Python-level initialisers that do nothing on meta tensors: (module, attribute) patched while recording.
 _PYTHON_INITS = [(torch.nn.init, "trunc_normal_")]
 
@@ -311,6 +313,10 @@ def record_build(build: Callable[[], nn.Module]) -> MetaBuild:
     with torch.device("meta"), InitRecorder() as rec:
         model = build()
     tensors = named_tensors(model)
+    filled: set[int] = set()
+    for op in rec.record.ops:
+        if getattr(op.func, "_overloadpacket", None) is None or op.func._overloadpacket.__name__ not in _UNFILLED:
+            filled |= op.writes | op.creates
     owners: dict[int, str] = {}
     for name, t in tensors:
         if id(t) in owners:  # to_empty makes one new tensor per module: the tie would not survive
@@ -318,6 +324,8 @@ def record_build(build: Callable[[], nn.Module]) -> MetaBuild:
         owners[id(t)] = name
         if t.device != _META:
             raise NotRecordable(f"{name} was built on {t.device}, not on meta")
+        if t.untyped_storage()._cdata not in filled:  # e.g. an initialiser that skips meta tensors
+            raise NotRecordable(f"{name} is never initialised while built on meta")
     return MetaBuild(model, rec.record, {name: rec.record.ref(t) for name, t in tensors})
 
 
