@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // args.nproc))}
     bigtrain = [*launcher, "-m", "bigtrain", "train", str(CONFIG)]
     rc, wall, rss = run([*bigtrain, *ov, "optim.name=adamw"], work / "adamw.log", env)
-    print(f"\n## AdamW: exit {rc} after {wall:.1f} s, peak RSS {rss:.2f} GiB\n" + (work / "adamw.log").read_text().strip().splitlines()[-1])
+    lines = (work / "adamw.log").read_text().strip().splitlines()
+    refusal = next((line for line in reversed(lines) if "error:" in line), lines[-1] if lines else "")  # torchrun adds its own
+    print(f"\n## AdamW: exit {rc} after {wall:.1f} s, peak RSS {rss:.2f} GiB\n" + refusal)
     results = []
     for label, steps in (("train", args.steps), ("resume", args.steps + args.more)):
         extra = ["resume=auto", f"train.steps={steps}", "resume_allow_changes=[train.steps]"] if label == "resume" else []
