@@ -240,14 +240,25 @@ def cmd_families(argv: list[str]) -> int:
     return 0
 
 
+# benchmarks of bigtrain's own that are commands (``bigtrain bench NAME``): name -> (module, what it checks);
+# the rest of bigtrain/bench/ runs as ``python -m bigtrain.bench.NAME``
+BUILTIN_BENCHMARKS = {"scalelong": ("bigtrain.bench.scalelong", "the ScaleLong recipe check (model.family=unet)")}
+
+
 def cmd_bench(argv: list[str]) -> int:
+    import importlib
+
     from bigtrain.families import all_families, find_command
 
     if not argv or argv[0] in ("-h", "--help"):
+        for name, (_, what) in BUILTIN_BENCHMARKS.items():
+            print(f"{name}  ({what})")
         for f in all_families():
             for name in f.benchmarks:
                 print(f"{name}  (model.family={f.name})")
         return 0
+    if argv[0] in BUILTIN_BENCHMARKS:
+        return importlib.import_module(BUILTIN_BENCHMARKS[argv[0]][0]).main(argv[1:])
     run = find_command(argv[0], "benchmarks")
     if run is None:
         raise ConfigError(f"unknown benchmark {argv[0]!r} (`bigtrain bench` lists them)")
@@ -296,7 +307,7 @@ def _main(argv: list[str] | None = None) -> int:
 
             return sample_main(rest)
         if cmd == "encode-latents":
-            from bigtrain.diffusion.encode_latents import main as latents_main
+            from bigtrain.encode_latents import main as latents_main
 
             return latents_main(rest)
         if cmd == "distill-logits":

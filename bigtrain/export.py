@@ -22,62 +22,11 @@ import argparse
 import json
 import os
 
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from bigtrain.checkpoint import CheckpointError
+from bigtrain.checkpoint.sources import EMA_PREFIX, MODEL_PREFIX, has_ema, load_model_state, model_from_checkpoint
 
-from torch.distributed.checkpoint.api import CheckpointException
-
-from bigtrain.checkpoint import (
-    CheckpointError,
-    CorruptCheckpoint,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    _single_process_ok,
-)
-from bigtrain.checkpoint.manager import verify_checkpoint
-
-MODEL_PREFIX = "model."
-
-
-EMA_PREFIX = "ema.params."
-
-
-def load_model_state(ckpt: str, weights: str = "model") -> dict[str, torch.Tensor]:
-    """Every model tensor of a complete checkpoint, unsharded, keyed by parameter name. ``weights``:
-    "model" = the trained weights; "ema" = the EMA's average where the checkpoint has one for a
-    tensor (every trainable parameter), the trained value otherwise (frozen parameters, buffers);
-    "auto" = "ema" when the checkpoint holds an EMA."""
-    if weights not in ("model", "ema", "auto"):
-        raise ValueError(f"weights must be model, ema or auto, got {weights!r}")
-    verify_checkpoint(ckpt)
-    reader = SafeFileSystemReader(ckpt)
-    saved = reader.read_metadata().state_dict_metadata
-    has_ema = any(k.startswith(EMA_PREFIX) for k in saved)
-    if weights == "ema" and not has_ema:
-        raise CheckpointError(f"{ckpt} holds no EMA weights (trained with ema.decay=0): use the model weights")
-    use_ema = has_ema and weights != "model"
-    state: dict[str, torch.Tensor] = {}
-    for key, meta in saved.items():
-        if not (key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)):
-            continue
-        name = key[len(MODEL_PREFIX):]
-        source = EMA_PREFIX + name if use_ema and isinstance(saved.get(EMA_PREFIX + name), TensorStorageMetadata) else key
-        state[source] = torch.empty(meta.size, dtype=saved[source].properties.dtype)
-    if not state:
-        raise CheckpointError(f"{ckpt} holds no model tensors")
-    try:
-        with _single_process_ok():
-            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
-    except CheckpointException as exc:  # a BaseException: never let it escape as a traceback
-        raise CorruptCheckpoint(f"{ckpt} does not load: {next(iter(exc.failures.values()))[0]}") from None
-    return {k[len(EMA_PREFIX if k.startswith(EMA_PREFIX) else MODEL_PREFIX):]: v for k, v in state.items()}
-
-
-def has_ema(ckpt: str) -> bool:
-    return any(k.startswith(EMA_PREFIX) for k in SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata)
-
-
+__all__ = ["EMA_PREFIX", "MODEL_PREFIX", "export_hf", "export_safetensors", "has_ema", "load_model_state", "main",
+           "model_from_checkpoint"]
 PRODUCER = "bigtrain export"  # recorded in what export writes: a rerun may replace its own output
 PROVENANCE = "bigtrain_export.json"  # in an exported HF directory
 
@@ -107,17 +56,15 @@ def export_safetensors(ckpt: str, out: str, weights: str = "auto") -> str:
 
 
 def export_hf(ckpt: str, out: str, weights: str = "auto") -> str:
-    from bigtrain.checkpoint import open_saved_config
     from bigtrain.families import get_family
-    from bigtrain.recipes import build_model
 
-    cfg = open_saved_config(ckpt, "checkpoint")
+    def exportable(cfg: object, model: object) -> None:
+        if get_family(cfg.model.family).export_hf is None:  # type: ignore[attr-defined]
+            raise CheckpointError(f"model.family={cfg.model.family} has no Hugging Face exporter "  # type: ignore[attr-defined]
+                                  "(use --format safetensors)")
+
+    cfg, model, _ = model_from_checkpoint(ckpt, "checkpoint", weights, strict=True, accept=exportable)
     family = get_family(cfg.model.family)
-    if family.export_hf is None:
-        raise CheckpointError(f"model.family={cfg.model.family} has no Hugging Face exporter (use --format safetensors)")
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.load_state_dict(load_model_state(ckpt, weights), strict=True, assign=True)
     from bigtrain.outputs import atomic_output
 
     with atomic_output(out, "dir") as tmp:

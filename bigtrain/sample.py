@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bigtrain.checkpoint import CheckpointError, open_saved_config
 from bigtrain.config import ConfigError
 
 if TYPE_CHECKING:
@@ -31,23 +30,13 @@ if TYPE_CHECKING:
 
 
 def _model(ckpt: str, weights: str, device: torch.device) -> tuple[torch.nn.Module, object, str]:
-    from bigtrain.export import has_ema, load_model_state
-    from bigtrain.recipes import build_model
+    from bigtrain.checkpoint.sources import model_from_checkpoint
 
-    cfg = open_saved_config(ckpt, "checkpoint")
-    with torch.device("meta"):
-        model = build_model(cfg)
-    if not all(hasattr(model, a) for a in ("null_class", "learn_sigma", "sample_shape")):
-        raise ConfigError(f"{ckpt} holds a model.family={cfg.model.family} model, which does not denoise images")
-    used = "ema" if weights != "model" and has_ema(ckpt) else "model"
-    missing, _ = model.load_state_dict(load_model_state(ckpt, weights), strict=False, assign=True)
-    if any(n in dict(model.named_parameters()) for n in missing):
-        raise CheckpointError(f"{ckpt} lacks parameters of its model, e.g. {missing[0]}")
-    if hasattr(model, "reset_buffers"):  # buffers derived from the sizes, never saved
-        model.reset_buffers(torch.device("cpu"))
-    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unfilled:
-        raise CheckpointError(f"{ckpt} does not fill {unfilled[0]} of its model")
+    def denoiser(cfg: object, model: torch.nn.Module) -> None:
+        if not all(hasattr(model, a) for a in ("null_class", "learn_sigma", "sample_shape")):
+            raise ConfigError(f"{ckpt} holds a model.family={cfg.model.family} model, which does not denoise images")  # type: ignore[attr-defined]
+
+    cfg, model, used = model_from_checkpoint(ckpt, "checkpoint", weights, accept=denoiser)
     return model.to(device).eval(), cfg, used
 
 

@@ -24,7 +24,7 @@ def load_saved_config(path: str | Path) -> Config:
     :func:`bigtrain.families.reading_saved_config`). Callers verify the checkpoint first
     (:func:`bigtrain.checkpoint.open_saved_config` does both)."""
     from bigtrain.config.compat import migrate_legacy
-    from bigtrain.families import reading_saved_config
+    from bigtrain.config.registry import reading_saved_config
 
     with reading_saved_config(str(path)):
         return from_dict(Config, migrate_legacy(load_yaml(path)))

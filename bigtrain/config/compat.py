@@ -35,7 +35,7 @@ def migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:
     model = data.get("model")
     if not isinstance(model, dict) or "name" not in model or "family" in model:
         return data
-    from bigtrain.families import get_family
+    from bigtrain.config.registry import get_family
 
     family = get_family(str(model["name"]))
     keep = {f.name for f in dataclasses.fields(family.config)}
@@ -51,7 +51,7 @@ def normalize_saved(data: dict[str, Any], source: str = "the checkpoint's config
     Read as untrusted data: no family it names by module is imported (``source`` names the file)."""
     from bigtrain.config.core import ConfigError, from_dict
     from bigtrain.config.schema import Config
-    from bigtrain.families import reading_saved_config
+    from bigtrain.config.registry import reading_saved_config
 
     try:
         with reading_saved_config(source):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from bigtrain.config.batching import plan_batches
 from bigtrain.config.core import ConfigError, all_keys, doc
+from bigtrain.config.registry import ModelConfig
 
 
 @dataclass
@@ -116,18 +117,6 @@ class DataConfig:
     )
 
 
-@dataclass
-class ModelConfig:
-    """The keys every model section has; a family's config class adds its own (``model.depth``, ...)."""
-
-    family: str = doc(
-        "vit", "Model family: a registered name (`bigtrain families` lists them) or 'package.module:ATTRIBUTE' "
-        "naming a bigtrain.families.Family. The family decides the other model.* keys.",
-    )
-    variant: str = doc("custom", "Size preset of the family (every family has 'debug'); presets fill the size keys "
-                       "left at 0. 'custom' = sizes from the keys.")
-
-
 def _model_section(default_family: str) -> Any:
     """``resolve(data, key)`` for a model section: the family named in it gives the schema."""
 
@@ -142,7 +131,7 @@ def _model_section(default_family: str) -> Any:
         if ref == "":
             section: type = ModelConfig  # no model (an unused teacher)
         else:
-            from bigtrain.families import get_family
+            from bigtrain.config.registry import get_family
 
             section = get_family(ref, f"{key}.family").config
         valid = {f.name for f in fields(section)}
@@ -403,7 +392,7 @@ class Config:
     def validate(self) -> None:
         """Cross-field checks that need more than one section (single-key bounds live in the schema).
         Fills what the family decides: preset sizes, the default task and data source."""
-        from bigtrain.families import apply_preset, get_family
+        from bigtrain.config.registry import apply_preset, get_family
 
         plan_batches(self)  # the one place batch divisibility is checked (dp = pp = 1 here)
         family = get_family(self.model.family)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import inspect
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -89,23 +89,18 @@ class SampleScorer:
     """A classifier checkpoint, loaded whole into this process, that scores samples."""
 
     def __init__(self, checkpoint: str, image_size: int, channels: int, device: torch.device) -> None:
-        from bigtrain.checkpoint import open_saved_config
+        from bigtrain.checkpoint.sources import model_from_checkpoint
         from bigtrain.config import ConfigError
-        from bigtrain.export import load_model_state
-        from bigtrain.recipes import build_model
 
-        cfg = open_saved_config(checkpoint, "diffusion.eval_classifier")
-        if (cfg.data.image_size, cfg.data.channels) != (image_size, channels):
-            raise ConfigError(f"config key 'diffusion.eval_classifier': {checkpoint} classifies {cfg.data.channels}x"
-                              f"{cfg.data.image_size}px images, the samples are {channels}x{image_size}px")
-        with torch.device("meta"):
-            model = build_model(cfg)
-        if "with_features" not in inspect.signature(model.forward).parameters:
-            raise ConfigError(f"config key 'diffusion.eval_classifier' / --classifier: {checkpoint} holds a "
-                              f"model.family={cfg.model.family} model, not an image classifier with features")
-        model.load_state_dict(load_model_state(checkpoint, "auto"), strict=False, assign=True)
-        if hasattr(model, "reset_buffers"):
-            model.reset_buffers(torch.device("cpu"))
+        def classifier(cfg: Any, model: nn.Module) -> None:
+            if (cfg.data.image_size, cfg.data.channels) != (image_size, channels):
+                raise ConfigError(f"config key 'diffusion.eval_classifier': {checkpoint} classifies {cfg.data.channels}x"
+                                  f"{cfg.data.image_size}px images, the samples are {channels}x{image_size}px")
+            if "with_features" not in inspect.signature(model.forward).parameters:
+                raise ConfigError(f"config key 'diffusion.eval_classifier' / --classifier: {checkpoint} holds a "
+                                  f"model.family={cfg.model.family} model, not an image classifier with features")
+
+        cfg, model, _ = model_from_checkpoint(checkpoint, "diffusion.eval_classifier", "auto", accept=classifier)
         self.model: nn.Module = model.to(device).eval()
         self.device, self.num_classes = device, int(getattr(cfg.model, "num_classes", 0))
         self.mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)

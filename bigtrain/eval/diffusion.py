@@ -29,7 +29,7 @@ from bigtrain.config import Config
 from bigtrain.diffusion.quality import SampleScorer, class_labels, save_grid, to_pixels
 from bigtrain.diffusion.sampling import generate
 from bigtrain.eval.classification import warn_lost
-from bigtrain.families import EvalContext
+from bigtrain.eval.context import EvalContext
 from bigtrain.tasks.diffusion import DiffusionTask
 from bigtrain.tasks.protocol import batch_to_device
 from data_pipeline import ImageSpec, NoisedImageDataset, SplitInfo, sequential_batches

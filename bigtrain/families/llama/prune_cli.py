@@ -44,7 +44,7 @@ def load_source(src: str) -> CausalLM:
     """The full model on the CPU, in fp32, from an HF directory or a bigtrain checkpoint."""
     from types import SimpleNamespace
 
-    from bigtrain.export import load_model_state
+    from bigtrain.checkpoint.sources import load_model_state
     from bigtrain.families.llama.pretrained import hf_config, is_checkpoint, load_weights, read_hf_config
 
     read_hf_config(src, "SRC")  # a clear error for anything that is neither

@@ -62,12 +62,6 @@ def flops_per_sample(model: nn.Module, m: Any) -> float:
     return float(model.train_flops_per_sample())
 
 
-def scalelong_bench(argv: list[str]) -> int:
-    from bigtrain.families.unet.scalelong_bench import main
-
-    return main(argv)
-
-
 FAMILY = Family(
     name="unet",
     description="SD/SDXL-style UNet (diffusers UNet2DConditionModel + CLIP text encoder), ScaleLong skip scaling",
@@ -79,5 +73,4 @@ FAMILY = Family(
     validate=validate,
     parallelize=parallelize_unet,
     check_layout=check_layout,
-    benchmarks={"scalelong": scalelong_bench},
 )
