@@ -316,3 +316,26 @@ def test_one_process_zero3_is_fsdp_on_one_rank_and_resumes_exactly(digits_dir: s
     assert [resumed[s]["loss"] for s in (4, 5, 6)] == [got[s]["loss"] for s in (4, 5, 6)]
     a, b = model_params(again / "checkpoints" / "step_00000006"), model_params(z3 / "checkpoints" / "step_00000006")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_consecutive_async_saves_share_one_stager_and_load(tmp_path: Path) -> None:
+    """Three asynchronous saves in a row through one Checkpointer (its stager keeps the host copy
+    between saves; torch 2.11's closes itself after each stage and is renewed), each of the state
+    as it was when save returned, then loaded back exactly."""
+    from bigtrain.checkpoint import Checkpointer, ModelState
+
+    model = torch.nn.Linear(8, 4)
+    ckpt = Checkpointer(str(tmp_path), keep_last=0)
+    saved = []
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(1.0)  # the state changes between saves
+        ckpt.save(step, {"model": ModelState(model)}, asynchronous=True)
+        saved.append(model.weight.detach().clone())
+        with torch.no_grad():
+            model.weight.mul_(-1.0)  # and right after save returns: the staged copy must not see it
+    ckpt.wait()
+    for step, want in zip((1, 2, 3), saved):
+        fresh = torch.nn.Linear(8, 4)
+        ckpt.load(str(tmp_path / "checkpoints" / f"step_{step:08d}"), {"model": ModelState(fresh)})
+        assert torch.equal(fresh.weight, want), step

@@ -279,6 +279,7 @@ class Checkpointer:
         self.events: list[dict[str, Any]] = []  # records for metrics.jsonl (checkpoint_corrupt, ...)
         self._deletions: list[threading.Thread] = []  # pruned checkpoints being removed
         self._stager: Any = None  # the async saves' stager: host buffers kept from save to save
+        self._stager_reusable: bool | None = None  # False where torch closes it after each stage
 
     # --- collectives (identity in one process) ------------------------------------------------------
     def _broadcast(self, obj: Any) -> Any:
@@ -338,6 +339,7 @@ class Checkpointer:
                 if asynchronous:
                     future = dcp.async_save(state, storage_writer=writer, process_group=self.group,
                                             no_dist=not _distributed(), async_stager=self.stager())
+                    self._after_staging()
                     self.pending = _PendingSave(step, tmp, final, meta, future, t0)  # type: ignore[arg-type]
                     self.last_blocked_s = time.perf_counter() - t0
                     return final
@@ -356,15 +358,22 @@ class Checkpointer:
         caller may change the state as soon as ``save`` returns), which allocates its host copy at
         the first save and reuses it (a fresh pageable copy of the whole state per save is what
         made saves block: allocation and page faults, not the copy), pinned on CUDA so the device
-        copies run at full bandwidth. The one previous save is always written before it is reused."""
+        copies run at full bandwidth. The one previous save is always written before it is reused.
+        torch 2.11's stager closes itself after each stage (nothing is kept, and a second stage
+        fails): there a new, unpinned one per save (the old behaviour; pinning per save would cost more)."""
         if self._stager is None:
             import torch
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-            cuda = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+            pinned = torch.cuda.is_available() and self._stager_reusable is not False
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=pinned))
         return self._stager
+
+    def _after_staging(self) -> None:
+        inner = getattr(self._stager, "_state_dict_stager", None)
+        if inner is not None and not getattr(inner, "_deepcopy_dispatch", True):  # closed by this torch version
+            self._stager, self._stager_reusable = None, False
 
     def _discard(self, tmp: str) -> None:
         """A failed save's temporary directory goes at once: it must not keep the disk full."""
