@@ -1,4 +1,5 @@
-"""Per-rank memory estimate of a training run, from the ``meta`` model — nothing is allocated.
+"""Per-rank memory estimate of a training run, from the ``meta`` model and one forward on fake
+tensors — nothing is allocated.
 
 Rows (bytes on the most loaded rank):
 
@@ -17,10 +18,11 @@ Rows (bytes on the most loaded rank):
   and outside the blocks (embedding, head, loss). Full activation checkpointing keeps each block's
   input plus one block's saved tensors while it is recomputed; TP splits the saved tensors of the
   blocks except those of hidden width (replicated unless sequence parallel, as Korthikanti et al.);
-  backward holds one more block's worth of activation gradients. Autocast does not act on ``meta``
-  tensors, so with ``train.dtype=bfloat16`` the forward runs on fake CPU tensors under CPU
-  autocast instead: saved tensors at the dtypes autocast produces (falling back to fp32 sizes, an
-  upper bound, where a fake tensor cannot run an op);
+  backward holds one more block's worth of activation gradients. Fake CPU tensors, unlike ``meta``
+  ones, take autocast (``train.dtype=bfloat16``: saved tensors at the dtypes CPU autocast produces)
+  and the fused attention kernel (meta decomposes it into the math path, which saves the score
+  matrix); where a fake tensor cannot run an op, the forward runs on meta at fp32 sizes (an upper
+  bound);
 * autocast weight copies (bf16 without FSDP): the bf16 copy of every weight autocast casts, which
   its cache keeps until the forward ends;
 * FSDP unsharded gradients (ZeRO-2/3 with several passes per step: gradient accumulation or
@@ -173,8 +175,8 @@ def _fake_build() -> Any:
 
 
 def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
-    """Saved-tensor bytes of one forward on ``meta`` (bf16: fake tensors under autocast),
-    attributed to the block that saved them."""
+    """Saved-tensor bytes of one forward on fake CPU tensors (under autocast for bf16; on ``meta``
+    where they cannot run it), attributed to the block that saved them."""
     family = get_family(cfg.model.family)
     if family.example_batch is None:
         raise ConfigError(f"model.family={family.name} declares no example_batch: its activations cannot be profiled")
