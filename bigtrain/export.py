@@ -23,9 +23,9 @@ import json
 import os
 
 from bigtrain.checkpoint import CheckpointError
-from bigtrain.checkpoint.sources import EMA_PREFIX, MODEL_PREFIX, has_ema, load_model_state, model_from_checkpoint
+from bigtrain.checkpoint.sources import EMA_PREFIX, MODEL_PREFIX, load_model_state, model_from_checkpoint
 
-__all__ = ["EMA_PREFIX", "MODEL_PREFIX", "export_hf", "export_safetensors", "has_ema", "load_model_state", "main",
+__all__ = ["EMA_PREFIX", "MODEL_PREFIX", "export_hf", "export_safetensors", "load_model_state", "main",
            "model_from_checkpoint"]
 PRODUCER = "bigtrain export"  # recorded in what export writes: a rerun may replace its own output
 PROVENANCE = "bigtrain_export.json"  # in an exported HF directory

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from bigtrain.config.schema import Config
 
 MODEL_PREFIX = "model."
-
-
 EMA_PREFIX = "ema.params."
 
 
@@ -39,6 +37,11 @@ def load_model_state(ckpt: str, weights: str = "model") -> dict[str, torch.Tenso
     "model" = the trained weights; "ema" = the EMA's average where the checkpoint has one for a
     tensor (every trainable parameter), the trained value otherwise (frozen parameters, buffers);
     "auto" = "ema" when the checkpoint holds an EMA."""
+    return _read_model_state(ckpt, weights)[0]
+
+
+def _read_model_state(ckpt: str, weights: str) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`load_model_state`, and which weights it read ("ema" or "model"), from one metadata read."""
     if weights not in ("model", "ema", "auto"):
         raise ValueError(f"weights must be model, ema or auto, got {weights!r}")
     verify_checkpoint(ckpt)
@@ -62,11 +65,8 @@ def load_model_state(ckpt: str, weights: str = "model") -> dict[str, torch.Tenso
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     except CheckpointException as exc:  # a BaseException: never let it escape as a traceback
         raise CorruptCheckpoint(f"{ckpt} does not load: {next(iter(exc.failures.values()))[0]}") from None
-    return {k[len(EMA_PREFIX if k.startswith(EMA_PREFIX) else MODEL_PREFIX):]: v for k, v in state.items()}
-
-
-def has_ema(ckpt: str) -> bool:
-    return any(k.startswith(EMA_PREFIX) for k in SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata)
+    return ({k[len(EMA_PREFIX if k.startswith(EMA_PREFIX) else MODEL_PREFIX):]: v for k, v in state.items()},
+            "ema" if use_ema else "model")
 
 
 def model_from_checkpoint(path: str, key: str = "checkpoint", weights: str = "auto", strict: bool = False,
@@ -81,8 +81,8 @@ def model_from_checkpoint(path: str, key: str = "checkpoint", weights: str = "au
         model = get_family(cfg.model.family).build(cfg.model)
     if accept is not None:
         accept(cfg, model)
-    used = "ema" if weights != "model" and has_ema(path) else "model"
-    missing, _ = model.load_state_dict(load_model_state(path, weights), strict=strict, assign=True)
+    state, used = _read_model_state(path, weights)
+    missing, _ = model.load_state_dict(state, strict=strict, assign=True)
     params = dict(model.named_parameters())
     lacking = [n for n in missing if n in params]
     if lacking:
