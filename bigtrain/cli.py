@@ -15,16 +15,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+# Only torch-free modules at the top: `bigtrain --help`, `bigtrain config ...` and a bad config
+# answer in a fraction of a second; each command imports what it runs.
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
-from bigtrain.resilience import settle
-from bigtrain.trainer import (
-    EXIT_BAD_INPUT,
-    EXIT_DIVERGED,
-    EXIT_EVAL_FAILED,
-    EXIT_SAVE_FAILED,
-    FinalEvalFailed,
-    TrainingDiverged,
-)
+from bigtrain.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_EVAL_FAILED, EXIT_SAVE_FAILED, FinalEvalFailed
+from bigtrain.optional import missing_optional
 
 if TYPE_CHECKING:
     from bigtrain.distributed import ParallelState
@@ -90,6 +85,7 @@ def check_before_work(cfg: Config) -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from bigtrain.distributed import ParallelState
+    from bigtrain.resilience import settle
 
     path, overrides = _split_args(argv, "train")
     cfg = load_config(path, overrides)  # all validation happens before any work
@@ -282,71 +278,90 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _main(argv: list[str] | None = None) -> int:
-    from bigtrain.checkpoint import CheckpointError, CheckpointSaveError
-    from data_pipeline import DataError
+# Errors that are the user's to fix, by where they are defined: (module, class, exit code, prefix).
+# Looked up in sys.modules when an error arrives (a module never imported cannot have raised it),
+# so the CLI imports none of them at start-up; the first match wins (a save error is a checkpoint error).
+_USER_ERRORS = [
+    ("bigtrain.checkpoint.manager", "CheckpointSaveError", EXIT_SAVE_FAILED, ""),
+    ("bigtrain.exits", "FinalEvalFailed", EXIT_EVAL_FAILED, "final evaluation failed: "),
+    ("bigtrain.exits", "TrainingDiverged", EXIT_DIVERGED, "training diverged: "),
+    ("bigtrain.config.core", "ConfigError", EXIT_BAD_INPUT, ""),
+    ("data_pipeline.index", "DataError", EXIT_BAD_INPUT, ""),
+    ("bigtrain.checkpoint.integrity", "CheckpointError", EXIT_BAD_INPUT, ""),
+    ("builtins", "FileNotFoundError", EXIT_BAD_INPUT, ""),
+]
 
+
+def exit_code_for(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for an error the user can fix; None for a bug (traceback, exit 1)."""
+    for module, name, code, prefix in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return code, f"error: {prefix}{exc}"
+    missing = missing_optional(exc)  # an optional package a command imports where it uses it
+    return (EXIT_BAD_INPUT, f"error: {missing}") if missing else None
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else EXIT_BAD_INPUT
     cmd, rest = argv[0], argv[1:]
     try:
-        if cmd == "train":
-            return cmd_train(rest)
-        if cmd == "eval":
-            return cmd_eval(rest)
-        if cmd == "config":
-            return cmd_config(rest)
-        if cmd == "export":
-            from bigtrain.export import main as export_main
+        return _dispatch(cmd, rest)
+    except Exception as exc:
+        known = exit_code_for(exc)
+        if known is None:
+            raise
+        print(known[1], file=sys.stderr)
+        return known[0]
 
-            return export_main(rest)
-        if cmd == "sample":
-            from bigtrain.sample import main as sample_main
 
-            return sample_main(rest)
-        if cmd == "encode-latents":
-            from bigtrain.encode_latents import main as latents_main
+def _dispatch(cmd: str, rest: list[str]) -> int:
+    if cmd == "train":
+        return cmd_train(rest)
+    if cmd == "eval":
+        return cmd_eval(rest)
+    if cmd == "config":
+        return cmd_config(rest)
+    if cmd == "export":
+        from bigtrain.export import main as export_main
 
-            return latents_main(rest)
-        if cmd == "distill-logits":
-            from bigtrain.distill_logits import main as logits_main
+        return export_main(rest)
+    if cmd == "sample":
+        from bigtrain.sample import main as sample_main
 
-            return logits_main(rest)
-        if cmd == "report":
-            from bigtrain.report import make_report
+        return sample_main(rest)
+    if cmd == "encode-latents":
+        from bigtrain.encode_latents import main as latents_main
 
-            if len(rest) != 1:
-                raise ConfigError("usage: bigtrain report RUN_DIR")
-            print(make_report(rest[0]))
-            return 0
-        if cmd == "data":
-            from data_pipeline.cli import main as data_main
+        return latents_main(rest)
+    if cmd == "distill-logits":
+        from bigtrain.distill_logits import main as logits_main
 
-            return data_main(rest, prog="bigtrain data")
-        if cmd == "families":
-            return cmd_families(rest)
-        if cmd == "estimate":
-            return cmd_estimate(rest)
-        if cmd == "bench":
-            return cmd_bench(rest)
-        from bigtrain.families import find_command
+        return logits_main(rest)
+    if cmd == "report":
+        from bigtrain.report import make_report
 
-        family_cmd = find_command(cmd)
-        if family_cmd is not None:
-            return family_cmd(rest)
-    except CheckpointSaveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_SAVE_FAILED
-    except FinalEvalFailed as exc:
-        print(f"error: final evaluation failed: {exc}", file=sys.stderr)
-        return EXIT_EVAL_FAILED
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
+        if len(rest) != 1:
+            raise ConfigError("usage: bigtrain report RUN_DIR")
+        print(make_report(rest[0]))
+        return 0
+    if cmd == "data":
+        from data_pipeline.cli import main as data_main
+
+        return data_main(rest, prog="bigtrain data")
+    if cmd == "families":
+        return cmd_families(rest)
+    if cmd == "estimate":
+        return cmd_estimate(rest)
+    if cmd == "bench":
+        return cmd_bench(rest)
+    from bigtrain.families import find_command
+
+    family_cmd = find_command(cmd)
+    if family_cmd is not None:
+        return family_cmd(rest)
     print(f"error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return EXIT_BAD_INPUT

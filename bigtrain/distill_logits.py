@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 
 from bigtrain.config import ConfigError, load_config
+from bigtrain.config.core import help_text
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bigtrain distill-logits", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bigtrain distill-logits", description=help_text(__doc__.split("\n\n")[0]))
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (as for train)")
     p.add_argument("--out", required=True, help="the store directory (must not exist or be empty)")

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from bigtrain.config import ConfigError, load_config
+from bigtrain.config.core import help_text
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
     from data_pipeline import sequential_batches
     from data_pipeline.writer import write_member_shards, write_set_atomically
 
-    ap = argparse.ArgumentParser(prog="bigtrain encode-latents", description=__doc__,
+    ap = argparse.ArgumentParser(prog="bigtrain encode-latents", description=help_text(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="key=value")

@@ -24,6 +24,7 @@ import os
 
 from bigtrain.checkpoint import CheckpointError
 from bigtrain.checkpoint.sources import EMA_PREFIX, MODEL_PREFIX, load_model_state, model_from_checkpoint
+from bigtrain.config.core import help_text
 
 __all__ = ["EMA_PREFIX", "MODEL_PREFIX", "export_hf", "export_safetensors", "load_model_state", "main",
            "model_from_checkpoint"]
@@ -77,7 +78,7 @@ def export_hf(ckpt: str, out: str, weights: str = "auto") -> str:
 def main(argv: list[str]) -> int:
     from bigtrain.families import add_trust_argument, apply_trust_argument
 
-    ap = argparse.ArgumentParser(prog="bigtrain export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="bigtrain export", description=help_text(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a complete checkpoint directory (run_dir/checkpoints/step_XXXXXXXX)")
     ap.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")

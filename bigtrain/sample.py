@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bigtrain.config import ConfigError
+from bigtrain.config.core import help_text
 
 if TYPE_CHECKING:
     from bigtrain.config.schema import DiffusionConfig
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> int:
     from bigtrain.diffusion.quality import SampleScorer, class_labels, save_grid, to_pixels
     from bigtrain.diffusion.sampling import SAMPLERS, generate
 
-    ap = argparse.ArgumentParser(prog="bigtrain sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bigtrain sample", description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a complete checkpoint of a diffusion run (RUN/checkpoints/step_XXXXXXXX)")
     ap.add_argument("--n", type=int, default=64, help="number of samples (class-conditional: rounded down to whole rows)")
     ap.add_argument("--steps", type=int, default=50, help="sampler steps")

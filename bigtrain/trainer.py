@@ -37,19 +37,13 @@ from bigtrain.config.schema import Config
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
 from bigtrain.distributed.pipeline import Pipeline
+from bigtrain.exits import EXIT_OK, EXIT_REQUEUE, FinalEvalFailed, TrainingDiverged
 from bigtrain.metrics import MetricsLogger, Progress
 from bigtrain.optim import LRSchedule
 from bigtrain.resilience import NumericalGuard, PreemptionFlag, agree, early_signal
 from bigtrain.tasks.protocol import batch_to_device
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3  # the numerical guard gave up (no checkpoint to roll back to, or too many rollbacks)
-EXIT_SAVE_FAILED = 4  # a checkpoint that had to be written could not be (disk full, permissions)
-EXIT_EVAL_FAILED = 5  # training finished and its final checkpoint is committed, the final evaluation failed
-EXIT_REQUEUE = 75  # stopped early (time budget / preemption) after saving: resubmit to continue
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
@@ -63,14 +57,6 @@ def memory_stats(device: torch.device) -> dict[str, float]:
         out["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
     return out
-
-
-class TrainingDiverged(RuntimeError):
-    """The numerical guard could not recover (no checkpoint, or rollbacks exhausted)."""
-
-
-class FinalEvalFailed(RuntimeError):
-    """The final evaluation raised; the trained state was committed before it ran."""
 
 
 class Stream(Protocol):

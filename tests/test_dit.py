@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigtrain.models.dit import DiT, DiTArgs, dit_args, timestep_embedding
+from bigtrain.models.args import DiTArgs, dit_args
+from bigtrain.models.dit import DiT, timestep_embedding
 
 
 @pytest.mark.parametrize("name,millions", [("S/2", 33.0), ("B/2", 130.5), ("L/2", 458.1), ("XL/2", 675.1),

@@ -74,7 +74,7 @@ def test_loss_spike_rolls_back(tiny_cfg, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_no_checkpoint_to_roll_back_to_is_a_clear_error(tiny_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bigtrain.trainer import TrainingDiverged
+    from bigtrain.exits import TrainingDiverged
 
     cfg = tiny_cfg("train.steps=6", "checkpoint.every_steps=0", "train.max_bad_steps=1", *QUIET)
     with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to"):

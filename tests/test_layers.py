@@ -1,7 +1,7 @@
 """The import graph of bigtrain and data_pipeline: no cycle, and no import against the layer order
 (README, "Layout"). Imports are read from the source (module level and inside functions; the
 ``if TYPE_CHECKING:`` blocks, which never run, are left out), so a lazy import cannot hide an
-upward dependency."""
+upward dependency; nor can a family hook named as ``lazy("package.module:attribute")``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import ROOT
 # package (covering its submodules). Keep README "Layout" in step.
 LAYERS: list[list[str]] = [
     ["data_pipeline"],
-    ["bigtrain", "bigtrain.config", "bigtrain.optional", "bigtrain.faults"],
+    ["bigtrain", "bigtrain.config", "bigtrain.optional", "bigtrain.faults", "bigtrain.exits"],
     ["bigtrain.distributed", "bigtrain.models", "bigtrain.outputs", "bigtrain.metrics", "bigtrain.resilience"],
     ["bigtrain.optim", "bigtrain.checkpoint", "bigtrain.components", "bigtrain.diffusion", "bigtrain.tasks"],
     ["bigtrain.eval"],
@@ -40,6 +40,14 @@ def _modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
+def _is_lazy_ref(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call) or not node.args:
+        return False
+    func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+    arg = node.args[0]
+    return func == "lazy" and isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+
+
 def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     tree = ast.parse(path.read_text(), str(path))
     skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
@@ -57,6 +65,8 @@ def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif _is_lazy_ref(node):  # lazy("package.module:attribute"): imported on first call
+            targets = [node.args[0].value.partition(":")[0]]
         else:
             continue
         for target in targets:
@@ -158,6 +168,7 @@ def test_the_checker_finds_a_cycle_an_upward_import_and_a_forbidden_one(tmp_path
         "bigtrain/__init__.py": "",
         "bigtrain/config/__init__.py": "def f():\n    from bigtrain.cli import main\n",
         "bigtrain/cli.py": "from bigtrain.config import f\n",
+        "bigtrain/optional.py": "from bigtrain.config import lazy\nhook = lazy('bigtrain.cli:main')\n",
         "bigtrain/models/__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import bigtrain.cli\n"
                                        "from bigtrain.distributed import x\n",
         "bigtrain/distributed/__init__.py": "x = 1\n",
@@ -168,5 +179,6 @@ def test_the_checker_finds_a_cycle_an_upward_import_and_a_forbidden_one(tmp_path
     problems = violations(graph(tmp_path))
     assert "cycle: bigtrain.cli <-> bigtrain.config" in problems
     assert any(p.startswith("upward import: bigtrain.config (layer 1) imports bigtrain.cli") for p in problems)
+    assert "upward import: bigtrain.optional (layer 1) imports bigtrain.cli (layer 11)" in problems  # lazy hook
     assert "forbidden import: bigtrain.models imports bigtrain.distributed" in problems
     assert not any("models" in p and "cli" in p for p in problems)  # TYPE_CHECKING: never runs

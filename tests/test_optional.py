@@ -19,12 +19,21 @@ UNET_CONFIG = ROOT / "configs" / "diffusion" / "unet_digits.yaml"
 
 
 def hiding(hidden: list[str], root: Path) -> dict[str, str]:
-    """An environment in which ``hidden`` cannot be imported, by this process's children too: a
-    directory first on PYTHONPATH holds a package of each name that raises ImportError, as a
-    missing package does."""
-    for name in hidden:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        (root / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden by the test')\n")
+    """An environment in which ``hidden`` look uninstalled, to this process's children too: a
+    ``sitecustomize`` first on PYTHONPATH puts a finder ahead of all others that answers each hidden
+    name (and its submodules) with ModuleNotFoundError, for an import and for
+    ``importlib.util.find_spec`` alike, as an absent package does."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"HIDDEN = {sorted(hidden)!r}\n"
+        "class _Hide:\n"
+        "    @staticmethod\n"
+        "    def find_spec(name, path=None, target=None):\n"
+        "        if name.split('.')[0] in HIDDEN:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (hidden by the test)', name=name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Hide)\n")
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bigtrain.cli import main
-from bigtrain.trainer import EXIT_BAD_INPUT
+from bigtrain.exits import EXIT_BAD_INPUT
 
 from conftest import ROOT, TEST_CONFIG
 

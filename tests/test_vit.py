@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bigtrain.models.vit import VIT_SIZES, ViT, ViTArgs
+from bigtrain.models.args import VIT_SIZES, ViTArgs
+from bigtrain.models.vit import ViT
 
 
 def test_size_table_matches_paper() -> None:

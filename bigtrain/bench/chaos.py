@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.config.core import help_text
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "vit" / "digits_test.yaml"
 STEPS, EVERY, KEEP = 12, 3, 2  # saves at 3, 6, 9, 12; pruning (keep 2) deletes 3 and 6
@@ -152,7 +154,7 @@ def plan(rng: random.Random, durations: dict[str, float]) -> Trial:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")

@@ -34,6 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from bigtrain.checkpoint import Checkpointer, ModelState, OptimizerState, _single_process_ok
+from bigtrain.config.core import help_text
 
 BLOCK = 64 * 2**20
 
@@ -91,7 +92,7 @@ def build_state(overrides: list[str]) -> tuple[torch.nn.Module, torch.optim.Opti
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides of the model (default: ViT-B/16, 224 px, whose AdamW state is ~1 GB)")
     ap.add_argument("--dir", help="where to write (default: a temporary directory on the default disk)")

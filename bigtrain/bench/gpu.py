@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from bigtrain.config.core import help_text
+
 ROOT = Path(__file__).resolve().parents[2]
 # the speed part's models: (label, overrides of a bare config, tiny overrides for the CPU smoke run)
 SPEED_MODELS = [
@@ -377,7 +379,7 @@ def table(function: list[dict[str, Any]], speed: dict[str, Any], fsdp: dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".", help="directory for gpu_check.json")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models and steps (the CPU smoke test)")

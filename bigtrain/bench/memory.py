@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bigtrain.bench.parallel import ROOT, run_row
+from bigtrain.config.core import help_text
 
 CONFIG = ROOT / "configs" / "vit" / "digits_tiny.yaml"
 # ViT-L/4 on 32 px digits (304M parameters, 64 tokens): model states of several GiB, activations
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from bigtrain.config import load_config
     from bigtrain.memory import GiB, estimate
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="fp32,bf16", help="comma-separated row sets: fp32, bf16")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--steps", type=int, default=3)

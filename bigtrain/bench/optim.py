@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.bench.parallel import ROOT
+from bigtrain.config.core import help_text
 
 CONFIG = ROOT / "configs" / "vit" / "digits_tiny.yaml"
 
@@ -67,7 +68,7 @@ def train(name: str, seed: int, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--optimizers", default="adamw,adamw8bit,factored")
     args = ap.parse_args(argv)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.config.core import help_text
+
 ROOT = Path(__file__).resolve().parents[2]
 # Small but not toy-sized models: GEMMs big enough that the rows measure the trainer, not
 # Python overhead. ViT: 3.1M params, 64 tokens per 32x32 digit. LM: 3.3M params, 128 tokens.
@@ -89,7 +91,7 @@ def run_row(config: Path, common: list[str], nproc: int, mode: str, overrides: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="vit")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="run the row list this many times (interleaved); "

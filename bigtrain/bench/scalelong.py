@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigtrain.config.core import help_text
+
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = ROOT / "configs" / "diffusion" / "unet_digits.yaml"
 SCORER = ROOT / "configs" / "diffusion" / "digits_scorer.yaml"
@@ -130,7 +132,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="bigtrain bench scalelong", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="bigtrain bench scalelong", description=help_text(__doc__.split("\n\n")[0]))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--kappa", type=float, default=0.5, help="kappa of the exponential scaling (ScaleLong's default 0.5)")
     ap.add_argument("--variants", default=",".join(VARIANTS))

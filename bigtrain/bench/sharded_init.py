@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bigtrain.bench.parallel import ROOT
+from bigtrain.config.core import help_text
 
 CONFIG = ROOT / "configs" / "vit" / "vit_g14.yaml"
 MiB = 2**20
@@ -103,7 +104,7 @@ def launch(config: Path, ranks: int, overrides: list[str], work: Path) -> list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(CONFIG))
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--whole", type=int, nargs="*", default=[2], help="rank counts also run with sharded_init=false")

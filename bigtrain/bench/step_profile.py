@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bigtrain.config.core import help_text
+
 GROUPS = {
     "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "GELU": ("aten::gelu", "aten::gelu_backward"),
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from bigtrain.recipes import build_model, load_splits, make_task, train_dataset
     from bigtrain.run import prepare_run
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="vit")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from bigtrain.bench.parallel import ROOT, gemm_peak_flops
+from bigtrain.config.core import help_text
 
 CONFIG = ROOT / "configs" / "vit" / "vit_g14.yaml"
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from bigtrain.memory import GiB, estimate
     from bigtrain.recipes import build_model, train_flops_per_sample
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2, help="images per step")
     ap.add_argument("--steps", type=int, default=3, help="steps of the first run (checkpoint at the last)")
     ap.add_argument("--more", type=int, default=2, help="steps after resuming")

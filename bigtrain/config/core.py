@@ -8,6 +8,7 @@ turn plain dicts into dataclass instances and to say precisely what is wrong
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import math
 import types
@@ -243,24 +244,37 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def describe(cls: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every leaf field, for ``bigtrain config describe``."""
+def describe(cls: Any, prefix: str = "", instance: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf field, for ``bigtrain config describe``. A section
+    whose default is built by a factory (``teacher`` is a model section with ``family=''``) shows
+    the values of that default instance, not its class's."""
     rows = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, prefix + f.name + "."))
-            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "<required>"
+        if instance is not None:
+            default = getattr(instance, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + ".", default if dataclasses.is_dataclass(default) else None))
+            continue
         bounds = ", ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in f.metadata.get("bounds", {}).items())
         rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "") + (f" [{bounds}]" if bounds else "")))
     return rows
+
+
+_RST_ROLE = re.compile(r":(?:func|mod|class|meth|attr|data|exc|obj):`~?([^`]+)`")
+
+
+def help_text(text: str) -> str:
+    """A docstring as terminal help: reStructuredText roles and double backticks become plain text
+    (``--help`` is read in a terminal, not rendered)."""
+    return _RST_ROLE.sub(r"\1", text).replace("``", "")
 
 
 def dump_yaml(obj: Any) -> str:

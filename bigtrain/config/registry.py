@@ -152,6 +152,39 @@ class Family:
         return next(iter(self.tasks))
 
 
+class lazy:  # noqa: N801 - used like a function: ``parallelize=lazy("pkg.module:function")``
+    """A family hook named ``"package.module:attribute"`` and imported on its first call: a family's
+    ``__init__`` stays free of torch and model code, so resolving and validating a config
+    (``bigtrain config show``, ``--help``) loads neither. Only for hooks of bigtrain's own code or the
+    family's package (the layering test reads these strings as imports); attributes of the target
+    (e.g. a task factory's ``uses_teacher``) are looked up on it."""
+
+    def __init__(self, ref: str) -> None:
+        module, _, attr = ref.partition(":")
+        if not module or not attr:
+            raise ValueError(f"lazy({ref!r}): expected 'package.module:attribute'")
+        self.ref = ref
+        self._target: Callable[..., Any] | None = None
+
+    @property
+    def target(self) -> Callable[..., Any]:
+        if self._target is None:
+            module, _, attr = self.ref.partition(":")
+            self._target = getattr(importlib.import_module(module), attr)
+        return self._target
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.target(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("ref", "target"):
+            raise AttributeError(name)
+        return getattr(self.target, name)
+
+    def __repr__(self) -> str:
+        return f"lazy({self.ref!r})"
+
+
 _REGISTRY: dict[str, Family] = {}
 _SCANNED = {"builtin": False, "entry_points": False}
 # 'module:ATTRIBUTE' references the user named (config, command line, --trust-family) in this process
@@ -328,5 +361,5 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
 
 
 __all__ = ["Family", "ModelConfig", "Pretrained", "add_trust_argument", "all_families", "apply_preset",
-           "apply_trust_argument", "family_names", "find_command", "get_family", "reading_saved_config",
+           "apply_trust_argument", "family_names", "find_command", "get_family", "lazy", "reading_saved_config",
            "register_family", "trust_family"]

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from bigtrain.config.core import ConfigError
 
-from bigtrain.config import ConfigError
+if TYPE_CHECKING:  # latent_spec validates a config without torch; the codec imports it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,15 @@ class LatentCodec:
         self.spec = latent_spec(path, scale)
         self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
 
-    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
-        return ((mean - self.spec.shift) * self.spec.scale).to(images.dtype)
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+            return ((mean - self.spec.shift) * self.spec.scale).to(images.dtype)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.spec.scale + self.spec.shift).sample.float()
+        import torch
+
+        with torch.no_grad():
+            return self.vae.decode(latents.to(self.vae.dtype) / self.spec.scale + self.spec.shift).sample.float()

@@ -9,7 +9,8 @@ context, checkpoint sources), and holds bigtrain's own families as subpackages (
 
 from __future__ import annotations
 
-from bigtrain.checkpoint.sources import checkpoint_source, saved_model_section
+from typing import Any
+
 from bigtrain.config.registry import (
     ENTRY_POINT_GROUP,
     Family,
@@ -22,13 +23,27 @@ from bigtrain.config.registry import (
     family_names,
     find_command,
     get_family,
+    lazy,
     reading_saved_config,
     register_family,
     trust_family,
 )
-from bigtrain.eval.context import EvalContext
+
+def __getattr__(name: str) -> Any:
+    """Re-exported on first use (PEP 562): importing the registry through this package, as every
+    family does, must not load the checkpoint code (torch) before a run needs it."""
+    if name in ("checkpoint_source", "saved_model_section"):
+        from bigtrain.checkpoint import sources
+
+        return getattr(sources, name)
+    if name == "EvalContext":
+        from bigtrain.eval.context import EvalContext
+
+        return EvalContext
+    raise AttributeError(f"module 'bigtrain.families' has no attribute {name!r}")
+
 
 __all__ = ["ENTRY_POINT_GROUP", "EvalContext", "Family", "ModelConfig", "Pretrained", "add_trust_argument",
            "all_families", "apply_preset", "apply_trust_argument", "checkpoint_source", "family_names",
-           "find_command", "get_family", "reading_saved_config", "register_family", "saved_model_section",
+           "find_command", "get_family", "lazy", "reading_saved_config", "register_family", "saved_model_section",
            "trust_family"]

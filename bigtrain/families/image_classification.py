@@ -6,16 +6,18 @@ its ``digits`` data source, training dataset and evaluator in one line each.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bigtrain.config import Config
-from bigtrain.eval import ClassificationEvaluator
-from bigtrain.families import EvalContext
-from data_pipeline import GlobalOrder, ImageBatchDataset, ImageSpec, SplitInfo
-from data_pipeline.writer import write_digits
+if TYPE_CHECKING:  # the functions import these on use: a family's __init__ imports this module light
+    from bigtrain.config import Config
+    from bigtrain.eval import ClassificationEvaluator
+    from bigtrain.eval.context import EvalContext
+    from data_pipeline import ImageBatchDataset, ImageSpec, SplitInfo
 
 
 def image_spec(cfg: Config, train: bool) -> ImageSpec:
+    from data_pipeline import ImageSpec
+
     d = cfg.data
     return ImageSpec(
         image_size=d.image_size, channels=d.channels, num_classes=cfg.model.num_classes, mean=list(d.mean),
@@ -26,10 +28,14 @@ def image_spec(cfg: Config, train: bool) -> ImageSpec:
 
 def write_digits_source(cfg: Config, root: str) -> None:
     """``data.source: digits``: sklearn's 8x8 digits (embedded, no download), resized to data.image_size."""
+    from data_pipeline.writer import write_digits
+
     write_digits(root, image_size=cfg.data.image_size, samples_per_shard=cfg.data.samples_per_shard, seed=0)
 
 
 def image_train_data(cfg: Config, split: SplitInfo) -> ImageBatchDataset:
+    from data_pipeline import GlobalOrder, ImageBatchDataset
+
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
     return ImageBatchDataset(split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
 
@@ -37,6 +43,8 @@ def image_train_data(cfg: Config, split: SplitInfo) -> ImageBatchDataset:
 def classification_evaluator(cfg: Config, train: SplitInfo, evals: SplitInfo, ctx: EvalContext) -> ClassificationEvaluator:
     """Top-1 and loss on the eval split, and few-shot probes on the model's pre-logit features
     (the model's forward must accept ``with_features=True``; set ``eval.fewshot=false`` otherwise)."""
+    from bigtrain.eval import ClassificationEvaluator
+
     return ClassificationEvaluator(
         cfg.eval, train, evals, image_spec(cfg, train=False), cfg.model.num_classes, autocast=ctx.autocast,
         num_workers=ctx.num_workers, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, dp_group=ctx.dp_group, device=ctx.device,

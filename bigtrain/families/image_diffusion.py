@@ -10,18 +10,20 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from bigtrain.config import Config, ConfigError
-from bigtrain.config.core import doc
-from bigtrain.config.schema import ModelConfig
-from bigtrain.eval.diffusion import DiffusionEvaluator
-from bigtrain.families import EvalContext
+from bigtrain.config.core import ConfigError, doc
+from bigtrain.config.registry import ModelConfig
 from bigtrain.families.image_classification import check_image_keys, image_spec
-from bigtrain.tasks.diffusion import DiffusionTask
-from data_pipeline import GlobalOrder, ImageSpec, NoisedImageDataset, SplitInfo
+
+if TYPE_CHECKING:  # imported on use: the families' __init__ modules import this one light
+    from torch import nn
+
+    from bigtrain.config import Config
+    from bigtrain.eval.context import EvalContext
+    from bigtrain.eval.diffusion import DiffusionEvaluator
+    from bigtrain.tasks.diffusion import DiffusionTask
+    from data_pipeline import ImageSpec, NoisedImageDataset, SplitInfo
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ def check_stored_latents(cfg: Config, split: SplitInfo) -> None:
 
 
 def noised_train_data(cfg: Config, split: SplitInfo) -> NoisedImageDataset:
+    from data_pipeline import GlobalOrder, NoisedImageDataset
+
     check_stored_latents(cfg, split)
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
     channels, side = denoised_shape(cfg.model)
@@ -121,12 +125,16 @@ def noised_train_data(cfg: Config, split: SplitInfo) -> NoisedImageDataset:
 
 
 def diffusion_task(cfg: Config, model: nn.Module) -> DiffusionTask:
+    from bigtrain.tasks.diffusion import DiffusionTask
+
     first = next(model.parameters(), None)
     codec = latent_codec(cfg, first.device if first is not None else "cpu")
     return DiffusionTask(model, cfg.diffusion, model.null_class, model.learn_sigma, codec.encode if codec else None)
 
 
 def diffusion_evaluator(cfg: Config, train: SplitInfo, evals: SplitInfo, ctx: EvalContext) -> DiffusionEvaluator:
+    from bigtrain.eval.diffusion import DiffusionEvaluator
+
     return DiffusionEvaluator(cfg, evals, diffusion_spec(cfg, train=False), ctx, latent_codec(cfg, ctx.device))
 
 

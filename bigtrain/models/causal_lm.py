@@ -31,7 +31,7 @@ def llama_config(vocab_size: int, width: int, depth: int, num_heads: int, num_kv
 
 # Decoders whose modules have the Llama layout (model.embed_tokens / layers / norm / rotary_emb,
 # lm_head; self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj), so one TP plan and one pruner fit.
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from bigtrain.models.args import ARCHITECTURES  # noqa: E402 - re-exported
 
 
 def hf_class(config: Any) -> type:

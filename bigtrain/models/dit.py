@@ -22,45 +22,12 @@ activation-checkpointing units.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> (depth, width, heads); each with patch 2, 4 or 8 ("XL/2")
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-
-@dataclass
-class DiTArgs:
-    depth: int
-    width: int
-    num_heads: int
-    patch_size: int = 2
-    input_size: int = 32  # latent (or pixel) side length
-    in_channels: int = 4
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    mlp_ratio: float = 4.0
-    freq_dim: int = 256  # sinusoidal timestep features
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    def check(self) -> None:
-        if self.input_size % self.patch_size:
-            raise ValueError(f"patch size {self.patch_size} does not divide the input size {self.input_size}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by {self.num_heads} heads")
-        if self.width % 4:
-            raise ValueError(f"the 2-D sin-cos position embedding needs the width divisible by 4, got {self.width}")
-
+from bigtrain.models.args import DiTArgs
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps, laid out cat[cos, sin] (GLIDE's order,
@@ -241,12 +208,3 @@ class DiT(nn.Module):
     def train_flops_per_sample(self) -> float:
         """Hardware FLOPs of one training sample: 2 per MAC, forward + backward = 3 forwards."""
         return 6.0 * self.macs_per_forward()
-
-
-def dit_args(name: str, **overrides: object) -> DiTArgs:
-    """``"XL/2"`` -> the paper's sizes with that patch size (plus any field overrides)."""
-    size, _, patch = name.partition("/")
-    if size not in SIZES or patch not in ("2", "4", "8"):
-        raise ValueError(f"unknown DiT preset {name!r}; choose from {[f'{s}/{p}' for s in SIZES for p in (2, 4, 8)]}")
-    depth, width, heads = SIZES[size]
-    return DiTArgs(depth=depth, width=width, num_heads=heads, patch_size=int(patch), **overrides)  # type: ignore[arg-type]

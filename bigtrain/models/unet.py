@@ -33,74 +33,12 @@ four variants differ only by the learnable gates.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-SKIP_SCALINGS = ("none", "constant", "exponential", "learnable")
-
-
-@dataclass
-class UNetArgs:
-    channels: Sequence[int] = (32, 64)  # block_out_channels, one per resolution level
-    attention: Sequence[bool] = (False, True)  # levels with cross-attention transformer blocks
-    transformer_layers: Sequence[int] = (1, 1)  # transformer depth per level (transformer_layers_per_block)
-    layers_per_block: int = 1
-    head_dim: int = 8  # channels per attention head (diffusers' attention_head_dim is a head *count*)
-    norm_groups: int = 8
-    cross_attention_dim: int = 32
-    use_linear_projection: bool = True
-    sdxl_conditioning: bool = False  # addition_embed_type="text_time": pooled text + size/crop ids
-    addition_time_embed_dim: int = 256
-    image_size: int = 16
-    in_channels: int = 1
-    num_classes: int = 10
-    text_width: int = 32
-    text_layers: int = 2
-    text_heads: int = 2
-    text_tokens: int = 4  # caption length: bos, class word, eos, padding
-    skip_scaling: str = "none"
-    skip_kappa: float = 0.5
-    extra: dict[str, Any] = field(default_factory=dict)  # further UNet2DConditionModel keys
-
-    def check(self) -> None:
-        n = len(self.channels)
-        if not (len(self.attention) == len(self.transformer_layers) == n) or n < 1:
-            raise ValueError(f"channels, attention and transformer_layers need one entry per level ({n})")
-        for c in self.channels:
-            if c % self.norm_groups:
-                raise ValueError(f"channels {list(self.channels)} must be divisible by norm_groups {self.norm_groups}")
-            if c % self.head_dim:
-                raise ValueError(f"channels {list(self.channels)} must be divisible by head_dim {self.head_dim}")
-        if self.skip_scaling not in SKIP_SCALINGS:
-            raise ValueError(f"skip scaling {self.skip_scaling!r} is not one of {SKIP_SCALINGS}")
-        if not 0 < self.skip_kappa <= 1:
-            raise ValueError(f"skip kappa must be in (0, 1], got {self.skip_kappa}")
-        if self.text_tokens < 3 or self.text_width % self.text_heads:
-            raise ValueError("text_tokens must be >= 3 and text_width divisible by text_heads")
-
-    def unet_config(self) -> dict[str, Any]:
-        levels = range(len(self.channels))
-        down = ["CrossAttnDownBlock2D" if self.attention[i] else "DownBlock2D" for i in levels]
-        up = ["CrossAttnUpBlock2D" if self.attention[i] else "UpBlock2D" for i in reversed(levels)]
-        config: dict[str, Any] = dict(
-            sample_size=self.image_size, in_channels=self.in_channels, out_channels=self.in_channels,
-            block_out_channels=tuple(self.channels), down_block_types=tuple(down), up_block_types=tuple(up),
-            layers_per_block=self.layers_per_block, norm_num_groups=self.norm_groups,
-            cross_attention_dim=self.cross_attention_dim, transformer_layers_per_block=tuple(self.transformer_layers),
-            attention_head_dim=tuple(c // self.head_dim for c in self.channels),
-            use_linear_projection=self.use_linear_projection,
-            mid_block_type="UNetMidBlock2DCrossAttn" if any(self.attention) else None,
-        )
-        if self.sdxl_conditioning:
-            config.update(addition_embed_type="text_time", addition_time_embed_dim=self.addition_time_embed_dim,
-                          projection_class_embeddings_input_dim=6 * self.addition_time_embed_dim + self.text_width)
-        config.update(self.extra)
-        return config
-
+from bigtrain.models.args import UNetArgs
 
 class SkipGate(nn.Module):
     """ScaleLong's learnable calibration of one skip: a gate in (0, 1) per channel."""

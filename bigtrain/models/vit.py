@@ -13,77 +13,12 @@ column-sharding those projections shards heads without touching this code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name: (width, depth, mlp_dim, heads)
-VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "M": (512, 12, 2048, 8),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "H": (1280, 32, 5120, 16),
-    "g": (1408, 40, 6144, 16),
-    "G": (1664, 48, 8192, 16),
-}
-
-
-@dataclass(frozen=True)
-class ViTArgs:
-    width: int
-    depth: int
-    mlp_dim: int
-    num_heads: int
-    patch_size: int = 16
-    image_size: int = 224
-    in_channels: int = 3
-    num_classes: int = 1000
-    head: str = "map"  # cls | gap | map
-    posemb: str = "learned"  # learned | sincos2d
-    dropout: float = 0.0
-    head_zero_init: bool = True
-    head_bias_init: float = 0.0  # big_vision's init_head_bias: -10 with a sigmoid loss
-
-    @classmethod
-    def from_variant(cls, variant: str, **overrides: object) -> ViTArgs:
-        """``from_variant("G", patch_size=14)``; zero/None overrides keep the table value."""
-        if variant == "custom":
-            base = {}
-        elif variant in VIT_SIZES:
-            w, d, m, h = VIT_SIZES[variant]
-            base = {"width": w, "depth": d, "mlp_dim": m, "num_heads": h}
-        else:
-            raise ValueError(f"unknown ViT variant {variant!r}; choose from {sorted(VIT_SIZES)} or 'custom'")
-        base.update({k: v for k, v in overrides.items() if v not in (None, 0) or k in ("dropout",)})
-        missing = [k for k in ("width", "depth", "mlp_dim", "num_heads") if not base.get(k)]
-        if missing:
-            raise ValueError(f"ViT variant 'custom' needs {missing} set")
-        args = cls(**base)  # type: ignore[arg-type]
-        args.check()
-        return args
-
-    def check(self) -> None:
-        if self.width % self.num_heads:
-            raise ValueError(f"ViT width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
-        if self.head not in ("cls", "gap", "map"):
-            raise ValueError(f"unknown ViT head {self.head!r}")
-        if self.posemb not in ("learned", "sincos2d"):
-            raise ValueError(f"unknown ViT posemb {self.posemb!r}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def seq_len(self) -> int:
-        return self.num_patches + (1 if self.head == "cls" else 0)
-
+from bigtrain.models.args import ViTArgs
 
 class Attention(nn.Module):
     """Multi-head attention; ``kv`` defaults to ``x`` (self-attention)."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from bigtrain.config import load_config
+from bigtrain.config.core import help_text
 from bigtrain.distributed.mesh import LaunchEnv, ParallelState
 
 
@@ -123,7 +124,7 @@ def _compare_ema(ref: dict, ema: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--override", action="append", default=[], help="key=value applied to every run")
     ap.add_argument("--reference", help="write the single-process reference here (run without torchrun)")

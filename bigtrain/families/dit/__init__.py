@@ -5,16 +5,18 @@ evaluated by held-out denoising loss, sample grids and a classifier's score of t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from bigtrain.config import Config, ConfigError
-from bigtrain.families import Family
+from bigtrain.config.core import ConfigError
+from bigtrain.config.registry import Family, lazy
 from bigtrain.families.dit.config import PRESETS, DiTConfig
-from bigtrain.families.dit.parallelize import check_layout, parallelize_dit
 from bigtrain.families.image_diffusion import check_diffusion_keys, denoised_shape, diffusion_family_fields
-from bigtrain.models.dit import DiT, DiTArgs
+from bigtrain.models.args import DiTArgs
+
+if TYPE_CHECKING:  # torch and the model code load when a model is built, not when a config is read
+    from torch import nn
+
+    from bigtrain.config import Config
 
 
 def dit_args(m: DiTConfig) -> DiTArgs:
@@ -32,6 +34,12 @@ def dit_args(m: DiTConfig) -> DiTArgs:
     return args
 
 
+def build(m: DiTConfig) -> nn.Module:
+    from bigtrain.models.dit import DiT
+
+    return DiT(dit_args(m))
+
+
 def validate(cfg: Config) -> None:
     check_diffusion_keys(cfg)
     dit_args(cfg.model)
@@ -46,10 +54,10 @@ FAMILY = Family(
     description="Diffusion Transformer (DiT S..XL / 2,4,8; adaLN-Zero, classifier-free guidance), denoising images",
     **diffusion_family_fields(),
     config=DiTConfig,
-    build=lambda m: DiT(dit_args(m)),
+    build=build,
     flops_per_sample=flops_per_sample,
     presets=PRESETS,
     validate=validate,
-    parallelize=parallelize_dit,
-    check_layout=check_layout,
+    parallelize=lazy("bigtrain.families.dit.parallelize:parallelize_dit"),
+    check_layout=lazy("bigtrain.families.dit.parallelize:check_layout"),
 )

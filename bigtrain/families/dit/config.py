@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bigtrain.config.core import doc
 from bigtrain.families.image_diffusion import ImageDiffusionConfig
-from bigtrain.models.dit import SIZES
+from bigtrain.models.args import DIT_SIZES as SIZES
 
 
 @dataclass

@@ -5,28 +5,28 @@ prediction on token shards, evaluated by held-out loss and perplexity, exported 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from bigtrain.config import Config, ConfigError
-from bigtrain.eval.causal_lm import CausalLMEvaluator
-from bigtrain.families import EvalContext, Family
+from bigtrain.config.core import ConfigError
+from bigtrain.config.registry import Family, lazy
 from bigtrain.families.llama.config import PRESETS, LlamaModelConfig
-from bigtrain.families.llama.parallelize import check_layout, parallelize_lm
 from bigtrain.families.llama.pretrained import hf_config, pretrained, read_hf_config
-from bigtrain.families.llama.minitron_bench import main as minitron_main
-from bigtrain.families.llama.prune_cli import main as prune_main
-from bigtrain.models.causal_lm import CausalLM
-from bigtrain.tasks import CausalLMTask
-from bigtrain.tasks.distill import DistillLMTask
-from data_pipeline import GlobalOrder, SplitInfo
-from data_pipeline.loader import TokenBatchDataset
-from data_pipeline.text import BYTES, load_tokenizer, stdlib_files, train_bpe, write_text_shards
+
+if TYPE_CHECKING:  # torch, transformers and the data code load when a run uses them, not for a config
+    from torch import nn
+
+    from bigtrain.config import Config
+    from bigtrain.eval.causal_lm import CausalLMEvaluator
+    from bigtrain.eval.context import EvalContext
+    from bigtrain.models.causal_lm import CausalLM
+    from bigtrain.tasks.distill import DistillLMTask
+    from data_pipeline import SplitInfo
+    from data_pipeline.loader import TokenBatchDataset
 
 
 def build(m: LlamaModelConfig) -> CausalLM:
+    from bigtrain.models.causal_lm import CausalLM
+
     return CausalLM(hf_config(m))
 
 
@@ -98,7 +98,15 @@ def _check_teacher(cfg: Config) -> None:
                           f"the student's {m.depth} blocks, got {d.hidden_layers}")
 
 
+def causal_lm_task(cfg: Config, model: nn.Module) -> nn.Module:
+    from bigtrain.tasks import CausalLMTask
+
+    return CausalLMTask(model)
+
+
 def distill_task(cfg: Config, model: nn.Module, teacher: nn.Module) -> DistillLMTask:
+    from bigtrain.tasks.distill import DistillLMTask
+
     d = cfg.distill
     return DistillLMTask(model, teacher, d.temperature, d.kd_weight, d.ce_weight, d.hidden_weight, d.hidden_layers)
 
@@ -109,6 +117,8 @@ distill_task.uses_teacher = True  # type: ignore[attr-defined]
 def write_stdlib_text(cfg: Config, root: str) -> None:
     """``data.source: stdlib_text``: token sequences of CPython's standard library sources, with the
     tokenizer ``data.tokenizer`` names."""
+    from data_pipeline.text import BYTES, load_tokenizer, stdlib_files, train_bpe, write_text_shards
+
     spec = cfg.data.tokenizer
     if spec == "model" and not (cfg.model.pretrained and os.path.isfile(os.path.join(cfg.model.pretrained, "tokenizer.json"))):
         raise ConfigError(f"data.tokenizer=model writes {cfg.data.dir} with model.pretrained's tokenizer.json: set "
@@ -136,6 +146,9 @@ def check_split_vocabulary(cfg: Config, split: SplitInfo, name: str) -> None:
 
 
 def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
+    from data_pipeline import GlobalOrder
+    from data_pipeline.loader import TokenBatchDataset
+
     check_split_vocabulary(cfg, split, cfg.data.train_split)
     order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
     return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error,
@@ -143,6 +156,8 @@ def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
 
 
 def evaluator(cfg: Config, train: SplitInfo, evals: SplitInfo, ctx: EvalContext) -> CausalLMEvaluator:
+    from bigtrain.eval.causal_lm import CausalLMEvaluator
+
     check_split_vocabulary(cfg, evals, cfg.data.eval_split)
     return CausalLMEvaluator(evals, cfg.model.seq_len, cfg.model.vocab_size, cfg.eval.batch_size, autocast=ctx.autocast,
                              max_member_bytes=cfg.data.max_member_bytes, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
@@ -158,6 +173,8 @@ def export_hf(model: nn.Module, out: str) -> None:
 
 
 def token_batch(m: Any, batch_size: int, generator: Any) -> dict[str, Any]:
+    import torch
+
     return {"tokens": torch.randint(0, m.vocab_size, (batch_size, m.seq_len + 1), generator=generator),
             "weight": torch.ones(batch_size)}
 
@@ -167,7 +184,7 @@ FAMILY = Family(
     description="decoder-only causal LM from Hugging Face's LlamaForCausalLM (GQA, SwiGLU, RoPE), next-token prediction",
     config=LlamaModelConfig,
     build=build,
-    tasks={"causal_lm": lambda cfg, model: CausalLMTask(model), "distill": distill_task},
+    tasks={"causal_lm": causal_lm_task, "distill": distill_task},
     train_data=train_data,
     evaluator=evaluator,
     flops_per_sample=flops_per_sample,
@@ -175,14 +192,14 @@ FAMILY = Family(
     presets=PRESETS,
     debug_overrides=("model.variant=debug", "model.seq_len=64", "data.dir=data/stdlib_seq64", "data.text_max_bytes=300000",
                      "data.eval_split=val", "train.global_batch_size=16", "eval.batch_size=64"),
-    parallelize=parallelize_lm,
-    check_layout=check_layout,
+    parallelize=lazy("bigtrain.families.llama.parallelize:parallelize_lm"),
+    check_layout=lazy("bigtrain.families.llama.parallelize:check_layout"),
     pipeline=True,
     validate=validate,
     export_hf=export_hf,
     sample_unit=lambda m: ("tokens", m.seq_len),
     example_batch=token_batch,
     pretrained=pretrained,
-    commands={"prune": prune_main},
-    benchmarks={"minitron": minitron_main},
+    commands={"prune": lazy("bigtrain.families.llama.prune_cli:main")},
+    benchmarks={"minitron": lazy("bigtrain.families.llama.minitron_bench:main")},
 )

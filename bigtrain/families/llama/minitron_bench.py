@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bigtrain.config.core import help_text
+
 ROOT = Path(__file__).resolve().parents[3]
 TEACHER_CONFIG = ROOT / "configs" / "llm" / "minitron_teacher.yaml"
 STUDENT_CONFIG = ROOT / "configs" / "llm" / "minitron_student.yaml"
@@ -44,7 +46,7 @@ LN2 = math.log(2.0)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bigtrain bench minitron", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bigtrain bench minitron", description=help_text(__doc__.split("\n\n")[0]))
     p.add_argument("--out", default="runs/minitron")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning rates each arm sweeps on seed 0")

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from bigtrain.config.core import ConfigError
+from bigtrain.config.registry import Pretrained
+from bigtrain.models.args import ARCHITECTURES
 
-from bigtrain.config import ConfigError
-from bigtrain.families import Pretrained, checkpoint_source, saved_model_section
-from bigtrain.models.causal_lm import ARCHITECTURES
-from bigtrain.distributed.activation import clean_name
-from bigtrain.distributed.sharded_init import local_box
+if TYPE_CHECKING:  # torch loads with the weights, not when a config naming them is validated
+    from torch import nn
 
 # config.json key -> model.* key
 SIZE_KEYS = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
@@ -40,6 +38,8 @@ def is_checkpoint(path: str) -> bool:
 
 def saved_section(path: str, key: str = "model.pretrained") -> Any:
     """The ``model`` section a bigtrain checkpoint was trained with."""
+    from bigtrain.checkpoint.sources import saved_model_section
+
     return saved_model_section(path, "llama", key)
 
 
@@ -86,11 +86,20 @@ def weight_files(path: str) -> dict[str, str]:
     raise ConfigError(f"config key 'model.pretrained': no safetensors weights in {path}{hint}")
 
 
-@torch.no_grad()
 def load_weights(model: nn.Module, path: str) -> dict[str, int]:
     """Copy the pretrained tensors into ``model`` (materialized, possibly sharded); returns how many
     tensors and elements this rank read."""
+    import torch
+
+    with torch.no_grad():
+        return _load_weights(model, path)
+
+
+def _load_weights(model: nn.Module, path: str) -> dict[str, int]:
     from safetensors import safe_open
+
+    from bigtrain.distributed.activation import clean_name
+    from bigtrain.distributed.sharded_init import local_box
 
     files = weight_files(path)
     handles: dict[str, Any] = {}
@@ -137,6 +146,8 @@ def pretrained(m: Any) -> Pretrained | None:
 
 
 def _checkpoint_source(path: str) -> Pretrained:
+    from bigtrain.checkpoint.sources import checkpoint_source
+
     def finish(model: nn.Module) -> None:
         model.reset_buffers(next(model.parameters()).device)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bigtrain.config import ConfigError
+from bigtrain.config.core import help_text
 from bigtrain.families.llama.prune import (
     Importance,
     apply_plan,
@@ -112,7 +113,7 @@ def _own_output(path: str) -> bool:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bigtrain prune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bigtrain prune", description=help_text(__doc__.split("\n\n")[0]))
     p.add_argument("src")
     p.add_argument("--out", required=True, help="the pruned HF directory (new, empty, or an earlier prune output)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out that is not an earlier prune output")

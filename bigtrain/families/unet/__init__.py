@@ -5,22 +5,24 @@ Needs ``pip install 'bigtrain[diffusers]'``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from bigtrain.config import Config, ConfigError
-from bigtrain.families import Family
+from bigtrain.config.core import ConfigError
+from bigtrain.config.registry import Family, lazy
 from bigtrain.families.image_diffusion import check_diffusion_keys, denoised_shape, diffusion_family_fields
 from bigtrain.families.unet.config import PRESETS, UNetConfig
-from bigtrain.families.unet.parallelize import check_layout, parallelize_unet
+
+if TYPE_CHECKING:  # torch and the model code load when a model is built, not when a config is read
+    from torch import nn
+
+    from bigtrain.config import Config
 
 SIZE_KEYS = ("channels", "attention", "transformer_layers", "layers_per_block", "head_dim", "norm_groups",
              "cross_attention_dim", "text_width", "text_layers", "text_heads")
 
 
 def unet_args(m: UNetConfig) -> Any:
-    from bigtrain.models.unet import UNetArgs
+    from bigtrain.models.args import UNetArgs
 
     missing = [k for k in SIZE_KEYS if getattr(m, k) in (0, [])]
     if missing:
@@ -71,6 +73,6 @@ FAMILY = Family(
     flops_per_sample=flops_per_sample,
     presets=PRESETS,
     validate=validate,
-    parallelize=parallelize_unet,
-    check_layout=check_layout,
+    parallelize=lazy("bigtrain.families.unet.parallelize:parallelize_unet"),
+    check_layout=lazy("bigtrain.families.unet.parallelize:check_layout"),
 )

@@ -3,12 +3,10 @@ trained by image classification on webdataset shards, evaluated by top-1 and few
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from bigtrain.config import Config, ConfigError
-from bigtrain.families import Family, Pretrained, checkpoint_source
+from bigtrain.config.core import ConfigError
+from bigtrain.config.registry import Family, Pretrained, lazy
 from bigtrain.families.image_classification import (
     check_image_keys,
     classification_evaluator,
@@ -17,10 +15,14 @@ from bigtrain.families.image_classification import (
     write_digits_source,
 )
 from bigtrain.families.vit.config import PRESETS, ViTConfig
-from bigtrain.families.vit.parallelize import check_layout, parallelize_vit
-from bigtrain.models.vit import ViT, ViTArgs
-from bigtrain.tasks import ClassificationTask
-from bigtrain.tasks.distill import DistillClassificationTask
+from bigtrain.models.args import ViTArgs
+
+if TYPE_CHECKING:  # torch and the model code load when a model is built, not when a config is read
+    from torch import nn
+
+    from bigtrain.config import Config
+    from bigtrain.tasks import ClassificationTask
+    from bigtrain.tasks.distill import DistillClassificationTask
 
 
 def vit_args(m: ViTConfig) -> ViTArgs:
@@ -60,11 +62,27 @@ def pretrained(m: ViTConfig) -> Pretrained | None:
     """``model.pretrained`` / ``teacher.pretrained``: a bigtrain checkpoint of a ViT."""
     if not m.pretrained:
         return None
+    from bigtrain.checkpoint.sources import checkpoint_source
+
     return checkpoint_source(m.pretrained, "vit", ("width", "depth", "mlp_dim", "num_heads"),
                              finish=lambda model: model.reset_buffers(next(model.parameters()).device))
 
 
+def build(m: ViTConfig) -> nn.Module:
+    from bigtrain.models.vit import ViT
+
+    return ViT(vit_args(m))
+
+
+def classification_task(cfg: Config, model: nn.Module, loss: str = "softmax") -> ClassificationTask:
+    from bigtrain.tasks import ClassificationTask
+
+    return ClassificationTask(model, loss=loss)
+
+
 def distill_task(cfg: Config, model: nn.Module, teacher: nn.Module | None) -> DistillClassificationTask:
+    from bigtrain.tasks.distill import DistillClassificationTask
+
     d = cfg.distill
     return DistillClassificationTask(model, teacher, d.temperature, d.kd_weight, d.ce_weight)
 
@@ -80,9 +98,9 @@ FAMILY = Family(
     name="vit",
     description="Vision Transformer ('Scaling Vision Transformers' sizes Ti..G, cls/gap/MAP heads), image classification",
     config=ViTConfig,
-    build=lambda m: ViT(vit_args(m)),
-    tasks={"classification": lambda cfg, model: ClassificationTask(model),
-           "sigmoid_classification": lambda cfg, model: ClassificationTask(model, loss="sigmoid"),
+    build=build,
+    tasks={"classification": classification_task,
+           "sigmoid_classification": lambda cfg, model: classification_task(cfg, model, loss="sigmoid"),
            "distill": distill_task},
     train_data=image_train_data,
     evaluator=classification_evaluator,
@@ -91,8 +109,8 @@ FAMILY = Family(
     presets=PRESETS,
     debug_overrides=("model.variant=debug", "train.global_batch_size=32", "eval.fewshot_shots=[1]",
                      "eval.fewshot_seeds=1"),
-    parallelize=parallelize_vit,
-    check_layout=check_layout,
+    parallelize=lazy("bigtrain.families.vit.parallelize:parallelize_vit"),
+    check_layout=lazy("bigtrain.families.vit.parallelize:check_layout"),
     pipeline=True,
     validate=validate,
     example_batch=image_batch,

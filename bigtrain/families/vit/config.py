@@ -7,7 +7,7 @@ from typing import Literal
 
 from bigtrain.config.core import doc
 from bigtrain.config.schema import ModelConfig
-from bigtrain.models.vit import VIT_SIZES
+from bigtrain.models.args import VIT_SIZES
 
 
 @dataclass
