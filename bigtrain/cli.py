@@ -203,6 +203,9 @@ def cmd_estimate(argv: list[str]) -> int:
         raise ConfigError(f"--world-size must be between 1 and {MAX_WORLD:,} (got {args.world_size})")
     if args.ranks_per_node < 0:
         raise ConfigError(f"--ranks-per-node must be >= 0 (got {args.ranks_per_node})")
+    from bigtrain.metrics import setup_logging
+
+    setup_logging(0)  # the estimate's progress lines (building, profiling) on stderr
     est = estimate(load_config(args.config, args.overrides), args.world_size, args.device)
     cores = os.cpu_count() or 1
     unplaced = args.device == "cpu" and not args.ranks_per_node and args.world_size > cores
@@ -292,13 +295,13 @@ _USER_ERRORS = [
 ]
 
 
-def exit_code_for(exc: BaseException) -> tuple[int, str] | None:
+def exit_code_for(exc: BaseException, cmd: str = "") -> tuple[int, str] | None:
     """(exit code, one-line message) for an error the user can fix; None for a bug (traceback, exit 1)."""
     for module, name, code, prefix in _USER_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(exc, cls):
             return code, f"error: {prefix}{exc}"
-    missing = missing_optional(exc)  # an optional package a command imports where it uses it
+    missing = missing_optional(exc, f"bigtrain {cmd}" if cmd else "this")  # imported where a command uses it
     return (EXIT_BAD_INPUT, f"error: {missing}") if missing else None
 
 
@@ -311,7 +314,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(cmd, rest)
     except Exception as exc:
-        known = exit_code_for(exc)
+        known = exit_code_for(exc, cmd)
         if known is None:
             raise
         print(known[1], file=sys.stderr)

@@ -42,6 +42,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -301,7 +302,11 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     fsdp = zero >= 2 and (dp > 1 or world_size == 1)  # as ParallelState.uses_fsdp
     plan = plan_batches(cfg, dp, pp)
     spec = get_optimizer(cfg.optim.name)
+    t0 = time.perf_counter()
     model, nblocks = _stage_model(cfg, pp)
+    # the two slow parts (seconds each for a billion-parameter model) say what they are doing
+    log.info("memory estimate: %s built on meta in %.1f s (%.3g parameters); profiling activations (micro-batch %d)",
+             cfg.model.family, time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), plan.micro)
     family = get_family(cfg.model.family)
     if family.check_layout is not None:  # what train would refuse for this tp, before any number
         family.check_layout(model, cfg, tp)
@@ -328,8 +333,10 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
             rows["FSDP all-gather buffers"] = unit * param_bytes * 2 + unit * 4
         else:
             rows["FSDP unsharded blocks (ZeRO-2)"] = unit * nblocks * param_bytes + unit * 4
+    t0 = time.perf_counter()
     try:
         prof = profile_activations(cfg, plan.micro)
+        log.info("memory estimate: activations profiled in %.1f s", time.perf_counter() - t0)
     except Exception as exc:  # a family without an example batch, or an op with no meta kernel
         log.warning("activations not estimated (%s: %s): the estimate is a lower bound", type(exc).__name__, exc)
         prof = ActivationProfile(plan.micro, 0, 0, 0, 0, nblocks)

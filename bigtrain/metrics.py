@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("bigtrain")
@@ -83,24 +85,62 @@ class MetricsLogger:
             self._wandb = None
 
 
-class Progress:
-    """tqdm bar with throughput and ETA, only on rank 0 and (in auto mode) only on a terminal."""
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self, total: int, initial: int, mode: str, enabled: bool) -> None:
-        show = enabled and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
-        self.bar = None
-        if show:
+
+class Progress:
+    """Progress of a long loop (training steps, evaluation batches, sampling steps), on rank 0.
+
+    ``mode``: ``auto`` draws a tqdm bar on a terminal and, where stderr is not one (a Slurm log, a
+    pipe, ``nohup``), logs one line every ``interval_s`` seconds instead of staying silent: position,
+    the caller's postfix (loss, throughput), rate, elapsed time and ETA. ``on`` always draws the bar,
+    ``lines`` always logs lines, ``off`` shows nothing. The first update and the last always log a
+    line, so a short loop still says it ran."""
+
+    def __init__(self, total: int, initial: int = 0, mode: str = "auto", enabled: bool = True, *, desc: str = "train",
+                 unit: str = "step", interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.bar: Any = None
+        terminal = sys.stderr.isatty()
+        self.lines = enabled and (mode == "lines" or (mode == "auto" and not terminal))
+        self.total, self.position, self.desc, self.unit = total, initial, desc, unit
+        self.interval_s, self.clock = interval_s, clock
+        self._start = clock()
+        self._done = 0  # updates since the start (a rollback moves the position back, not this)
+        self._last_line: float | None = None
+        if enabled and (mode == "on" or (mode == "auto" and terminal)):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, postfix: dict[str, Any]) -> None:
+    def update(self, postfix: dict[str, Any] | None = None, n: int = 1) -> None:
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in (postfix or {}).items()}
+        self.position += n
+        self._done += n
         if self.bar is not None:
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
-            self.bar.update(1)
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(n)
+        if not self.lines:
+            return
+        now = self.clock()
+        if self._last_line is None or now - self._last_line >= self.interval_s or self.position >= self.total:
+            self._last_line = now
+            log.info("%s", self.line(now, shown))
+
+    def line(self, now: float, shown: dict[str, Any]) -> str:
+        """``train: step 120/1000 (12%) loss=2.314 | 3.1 step/s | elapsed 0:00:38 | ETA 0:04:44``."""
+        elapsed = now - self._start
+        rate = self._done / elapsed if elapsed > 0 else 0.0
+        eta = _clock((self.total - self.position) / rate) if rate > 0 else "?"
+        pct = 100 * self.position / self.total if self.total else 100.0
+        extra = "".join(f" {k}={v}" for k, v in shown.items())
+        return (f"{self.desc}: {self.unit} {self.position}/{self.total} ({pct:.0f}%){extra} | {rate:.3g} {self.unit}/s"
+                f" | elapsed {_clock(elapsed)} | ETA {eta}")
 
     def reset(self, position: int) -> None:
         """Jump back (after a rollback) without restarting the throughput clock."""
+        self.position = position
         if self.bar is not None:
             self.bar.n = position
             self.bar.refresh()

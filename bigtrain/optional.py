@@ -32,13 +32,13 @@ def require(module: str, why: str) -> None:
         raise ConfigError(f"{why} needs the {module} package, which is not installed: {install_hint(module)}")
 
 
-def missing_optional(exc: BaseException) -> str | None:
+def missing_optional(exc: BaseException, what: str = "this") -> str | None:
     """The one-line message for an ImportError of an optional package raised where a command uses it
     (the CLI exits 2 with it instead of a traceback); None for any other error."""
     name = getattr(exc, "name", None) or ""
     if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] not in EXTRAS:
         return None
-    return f"this needs the {name.split('.')[0]} package, which is not installed: {install_hint(name)}"
+    return f"{what} needs the {name.split('.')[0]} package, which is not installed: {install_hint(name)}"
 
 
 __all__ = ["EXTRAS", "install_hint", "missing_optional", "require"]

@@ -8,6 +8,10 @@ user owns, and never half-written (plus the one argument they share, ``--device`
   into place when complete; a previous output it replaces is renamed aside first and removed only
   after the new one is in place. A killed command leaves only its ``.partial-`` sibling, which the
   next run on this host removes once the process that made it is gone.
+* **Shared as the user's umask says.** Some writers (safetensors, ``tempfile``) create files 0600;
+  a pruned model or an export on a team's file system is meant to be read by others, so before it is
+  published every file gets ``0666 & ~umask`` and every directory ``0777 & ~umask`` (0644 / 0755 at
+  the usual umask 022). None of these outputs holds a secret.
 """
 
 from __future__ import annotations
@@ -105,6 +109,24 @@ def publish(tmp: str, out: str) -> None:
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
+def share_modes(path: str) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the modes a plain ``open`` /
+    ``mkdir`` would under the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; put it back at once
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if not os.path.isdir(path):
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, dir_mode)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dir_mode)
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                os.chmod(os.path.join(root, f), file_mode)
+
+
 @contextmanager
 def atomic_output(out: str, kind: str) -> Iterator[str]:
     """Yield a temporary path to build ``out`` (a 'file' or a 'dir') in; published on success,
@@ -116,6 +138,8 @@ def atomic_output(out: str, kind: str) -> Iterator[str]:
         os.makedirs(tmp)
     try:
         yield tmp
+        if os.path.lexists(tmp):
+            share_modes(tmp)
         publish(tmp, out)
     except BaseException:
         if os.path.isdir(tmp):
@@ -142,4 +166,5 @@ def device_arg(value: str, flag: str = "--device") -> "torch.device":
     return device
 
 
-__all__ = ["atomic_output", "check_output", "clean_partials", "device_arg", "overlaps", "partial_path", "publish"]
+__all__ = ["atomic_output", "check_output", "clean_partials", "device_arg", "overlaps", "partial_path", "publish",
+           "share_modes"]

@@ -173,7 +173,8 @@ def data_workers(cfg: Config, ps: ParallelState) -> int:
 def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any,
                    step: Callable[[], int] = lambda: 0) -> Any:
     ctx = EvalContext(dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"), device=ps.device, autocast=autocast,
-                      num_workers=data_workers(cfg, ps), run_dir=cfg.run.dir, step=step)
+                      num_workers=data_workers(cfg, ps), run_dir=cfg.run.dir, step=step, rank=ps.rank,
+                      progress_mode=cfg.log.progress, progress_every_s=cfg.log.progress_every_s)
     return get_family(cfg.model.family).evaluator(cfg, train_split, eval_split, ctx)
 
 

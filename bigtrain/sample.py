@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -116,8 +116,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="the grid picture (.png); an existing file only if it is an earlier "
                                                  "grid of bigtrain sample, or with --force")
     ap.add_argument("--force", action="store_true", help="replace an existing --out that is not an earlier grid")
+    ap.add_argument("--progress", choices=["auto", "on", "lines", "off"], default="auto",
+                    help="auto: a bar on a terminal, else a line every 30 s (as log.progress)")
     add_trust_argument(ap)
     args = ap.parse_args(argv)
+    from bigtrain.metrics import Progress, setup_logging
+
+    setup_logging(0)
     apply_trust_argument(args)
     device = _check_args(args)
     model, cfg, used = _model(args.checkpoint, args.weights, device)
@@ -136,11 +141,15 @@ def main(argv: list[str]) -> int:
         labels, rows = class_labels(args.n, null)
     t0 = time.perf_counter()
     parts = []
+    progress = Progress(math.ceil(len(labels) / args.batch) * args.steps, 0, args.progress, desc=f"sample {len(labels)}",
+                        unit="step")
     for start in range(0, len(labels), args.batch):
         idx = list(range(start, min(start + args.batch, len(labels))))
         parts.append(generate(model, labels[idx], idx, model.sample_shape, objective=d.objective, prediction=d.prediction,
                               schedule=d.schedule, timesteps=d.timesteps, sampler=args.sampler, steps=args.steps,
-                              guidance=args.cfg, null=null, seed=args.seed, clip=codec is None, device=device).float())
+                              guidance=args.cfg, null=null, seed=args.seed, clip=codec is None, device=device,
+                              on_step=progress.update).float())
+    progress.close()
     x = torch.cat(parts)
     if codec is not None:  # latent diffusion: back to pixels through the run's VAE
         x = codec.decode(x)

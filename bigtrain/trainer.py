@@ -437,7 +437,8 @@ class Trainer:
         preempt = self.preempt = PreemptionFlag(self.cfg.train.preempt_signals)
         preempt.install()
         preempt.received = early_signal()  # a notice that came during start-up: stop after the first step
-        progress = Progress(self.cfg.train.steps, self.state.step, self.cfg.log.progress, self.rank == 0)
+        progress = Progress(self.cfg.train.steps, self.state.step, self.cfg.log.progress, self.rank == 0,
+                            interval_s=self.cfg.log.progress_every_s)
         try:
             status = self._loop(progress, preempt)
             progress.close()

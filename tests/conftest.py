@@ -45,6 +45,16 @@ def refused_in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def assert_shared_modes(path: Path) -> None:
+    """``path`` and everything under it carry the modes the umask gives (0644 files, 0755
+    directories at umask 022): a command's output is readable by the user's team."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert p.stat().st_mode & 0o777 == want, f"{p}: mode {oct(p.stat().st_mode & 0o777)}, umask gives {oct(want)}"
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from data_pipeline.writer import write_digits

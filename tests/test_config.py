@@ -77,6 +77,24 @@ def test_schedule_longer_than_run_rejected() -> None:
         load_config(None, ["train.steps=10", "schedule.warmup_steps=8", "schedule.cooldown_steps=5"])
 
 
+@pytest.mark.parametrize("config,steps", [("configs/diffusion/dit_digits.yaml", 20), (None, 10), (None, 1)])
+def test_a_schedule_refusal_names_a_fix_that_loads(config: str | None, steps: int) -> None:
+    """Trying a shipped config small: the refusal names the keys and values that fix it, and
+    those values are accepted (``train.steps>=N`` and a scaled warm-up/cool-down)."""
+    from conftest import ROOT
+
+    path = ROOT / config if config else None
+    extra = [] if config else ["schedule.warmup_steps=8", "schedule.cooldown_steps=5"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [f"train.steps={steps}", *extra])
+    message = str(err.value)
+    need = int(message.split("set train.steps>=")[1].split(",")[0])
+    fix = message.split("e.g. ")[1].split()
+    assert all(k.startswith("schedule.") for k in fix), message
+    load_config(path, [f"train.steps={steps}", *extra, *fix])
+    load_config(path, [f"train.steps={need}", *extra])
+
+
 def test_dump_roundtrip_and_describe() -> None:
     import yaml
 

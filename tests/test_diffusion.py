@@ -235,6 +235,9 @@ def test_latent_dit_trains_samples_and_checks_its_keys(tmp_path, digits_dir: str
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
+    # no terminal: the evaluation says what it is doing (its loss batches, then the denoising steps)
+    assert "eval @ step 2: denoising loss: batch " in proc.stderr and "samples: step 3/3 (100%)" in proc.stderr, \
+        proc.stderr[-3000:]
     from PIL import Image
 
     from bigtrain.report import make_report
@@ -245,6 +248,7 @@ def test_latent_dit_trains_samples_and_checks_its_keys(tmp_path, digits_dir: str
                           "--n", "10", "--steps", "2", "--out", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and json.loads(out.stdout.splitlines()[-1])["samples"] == 10, out.stderr[-2000:]
+    assert "sample 10: step 2/2 (100%)" in out.stderr, out.stderr[-2000:]
     # the same run from stored latents: the encoder is skipped, the losses are the on-the-fly run's
     stored = tmp_path / "latents"
     enc = subprocess.run([sys.executable, "-m", "bigtrain", "encode-latents", *common, "--out", str(stored)], cwd=ROOT,

@@ -88,3 +88,18 @@ def test_gpu_check_cpu_run_without_webdataset_or_diffusers(tmp_path: Path) -> No
     rows = {r["family"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["function"]}
     assert rows["unet"].get("skipped") and "pip install 'bigtrain[diffusers]'" in rows["unet"]["error"]
     assert all(r["resumed"] for name, r in rows.items() if name != "unet")
+
+
+def test_a_command_that_needs_a_missing_package_is_one_line(tmp_path: Path) -> None:
+    """A package imported where the command uses it (prune builds with transformers): exit 2, one
+    line naming the command and the pip install, no traceback, nothing written."""
+    from test_prune import _model
+
+    src = tmp_path / "src"
+    _model().to_hf().save_pretrained(src)
+    proc = without(["transformers"], "prune", str(src), "--out", str(tmp_path / "out"), "--layers", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: bigtrain prune needs the transformers package, which is not installed: " \
+                   "pip install 'bigtrain[transformers]'", last
+    assert not (tmp_path / "out").exists()

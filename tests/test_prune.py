@@ -139,7 +139,7 @@ def test_prune_command_end_to_end(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from conftest import ROOT
+    from conftest import ROOT, assert_shared_modes
     from data_pipeline.text import stdlib_files, train_bpe
 
     src = tmp_path / "src"
@@ -161,6 +161,7 @@ def test_prune_command_end_to_end(tmp_path: Path) -> None:
                                                                   "calib_loss": 0}
     assert report["calib_samples"] == 32 and len(report["kept_layers"]) == 3
     assert (tmp_path / "a" / "tokenizer.json").is_file()
+    assert_shared_modes(tmp_path / "a")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     assert sum(p.numel() for p in loaded.parameters()) == report["after"]["params"]
     again = prune(tmp_path / "b", "--hidden", "48", "--ffn", "64", "--heads", "2", "--layers", "3",

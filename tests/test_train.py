@@ -209,21 +209,30 @@ def test_default_job_reaches_90_percent(tmp_path: Path) -> None:
 def test_report_png_and_progress_bar(tiny_cfg, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
 
+    from bigtrain.config import dump_yaml
     from bigtrain.metrics import MetricsLogger, Progress
     from bigtrain.recipes import build_trainer
-    from bigtrain.report import make_report
+    from bigtrain.report import HEADER_H, PANEL_H, PANEL_W, make_report, read_metrics, summary_lines
 
-    cfg = tiny_cfg("train.steps=4", "schedule.cooldown_steps=1", "eval.every_steps=2", "eval.fewshot=false", "log.progress=on")
+    cfg = tiny_cfg("train.steps=4", "schedule.cooldown_steps=1", "eval.every_steps=2", "eval.fewshot=false", "log.progress=on",
+                   "run.name=digits-smoke")
     trainer = build_trainer(cfg)
     trainer.fit(MetricsLogger(cfg.run.dir, True))
     err = capsys.readouterr().err
     assert "4/4" in err and "samples/s" in err, "progress bar shows steps, throughput"
+    (Path(cfg.run.dir) / "config.yaml").write_text(dump_yaml(cfg))  # as prepare_run writes it
     png = make_report(cfg.run.dir)
     img = Image.open(png)
-    assert img.size == (1040, 600)
+    assert img.size == (2 * PANEL_W, HEADER_H + 2 * PANEL_H)
     assert len(img.convert("L").getcolors(maxcolors=1 << 16)) > 5, "something was drawn"
-    bar = Progress(10, 0, "auto", enabled=True)  # stderr is not a TTY under pytest: no bar
-    assert bar.bar is None
+    recs = read_metrics(cfg.run.dir)
+    head, final = summary_lines(cfg.run.dir, [r for r in recs if r["kind"] == "train"],
+                                [r for r in recs if r["kind"] == "eval"])
+    assert head.startswith("digits-smoke") and final.startswith("final: step 4/4, training loss ")
+    assert "eval top1 " in final and "(eval at step 4)" in final, final
+    assert min(img.convert("L").crop((0, 0, 2 * PANEL_W, HEADER_H)).getdata()) < 128, "the heading is drawn"
+    bar = Progress(10, 0, "auto", enabled=True)  # stderr is not a TTY under pytest: lines, no bar
+    assert bar.bar is None and bar.lines
 
 
 def test_time_based_saves_and_retention(tiny_cfg) -> None:

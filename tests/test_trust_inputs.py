@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, refused
+from conftest import ROOT, TEST_CONFIG, assert_shared_modes, refused
 
 PAYLOAD = "evilfam:FAMILY"
 QUIET = ["eval.every_steps=0", "eval.final=false", "eval.fewshot=false", "log.progress=false", "schedule.warmup_steps=0",
@@ -221,6 +221,7 @@ def test_export_never_overwrites_what_it_did_not_write(ckpts: dict[str, Path], t
         proc = cli("export", str(ckpts["vit"]), "--out", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "weights.safetensors"]
+    assert_shared_modes(out)  # safetensors writes 0600; a team reads exports
     proc = cli("export", str(ckpts["vit"]), "--out", str(mine), "--force")
     assert proc.returncode == 0 and mine.read_bytes() != b"my own file", proc.stderr[-3000:]
 

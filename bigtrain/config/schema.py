@@ -312,7 +312,11 @@ class DiffusionConfig:
 @dataclass
 class LogConfig:
     every_steps: int = doc(10, "Write a training record to metrics.jsonl every N steps.", gt=0)
-    progress: Literal["auto", "on", "off"] = doc("auto", "Progress bar: auto = only when stderr is a terminal.")
+    progress: Literal["auto", "on", "lines", "off"] = doc(
+        "auto", "Progress of training, evaluation and sampling: auto = a bar on a terminal, else (a Slurm log, a pipe) "
+        "a log line (step, loss, throughput, ETA) every log.progress_every_s; on = always the bar; lines = always "
+        "lines; off = none.")
+    progress_every_s: float = doc(30.0, "Seconds between progress lines where there is no bar.", gt=0)
     wandb: bool = doc(False, "Also log to Weights & Biases (set WANDB_MODE=offline to log locally).")
     wandb_project: str = doc("bigtrain", "wandb project name.")
 
@@ -460,9 +464,13 @@ class Config:
         t, s = self.train, self.schedule
         parse_wd_mults(self.optim.wd_mults)
         if s.warmup_steps + s.cooldown_steps > t.steps:
+            total = s.warmup_steps + s.cooldown_steps
+            # the fix a user trying a config small wants: the same warm-up : cool-down split, scaled to fit
+            warm = s.warmup_steps * t.steps // total
             raise ConfigError(
-                f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' "
-                f"({s.warmup_steps}+{s.cooldown_steps}) exceed 'train.steps' ({t.steps})"
+                f"config keys 'schedule.warmup_steps' + 'schedule.cooldown_steps' ({s.warmup_steps}+{s.cooldown_steps}) "
+                f"exceed 'train.steps' ({t.steps}): set train.steps>={total}, or shorten the schedule, e.g. "
+                f"schedule.warmup_steps={warm} schedule.cooldown_steps={t.steps * s.cooldown_steps // total}"
             )
         for name in t.preempt_signals:
             if name not in signal.Signals.__members__:

@@ -63,8 +63,10 @@ def timestep_chain(timesteps: int, steps: int) -> torch.Tensor:
 def generate(model: Model, labels: torch.Tensor, indices: Sequence[int], shape: Sequence[int], *, objective: str,
              prediction: str = "epsilon", schedule: str = "linear", timesteps: int = 1000, sampler: str = "auto",
              steps: int = 50, guidance: float = 1.0, null: int | None = None, seed: int = 0, clip: bool = True,
-             device: torch.device | None = None) -> torch.Tensor:
-    """Samples (B, *shape) for ``labels`` (B,), sample ``i`` seeded by (seed, indices[i])."""
+             device: torch.device | None = None, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Samples (B, *shape) for ``labels`` (B,), sample ``i`` seeded by (seed, indices[i]);
+    ``on_step`` is called after each denoising step (progress)."""
+    tick = on_step or (lambda: None)
     device = device or labels.device
     sampler = ("ddim" if objective == "ddpm" else "euler") if sampler == "auto" else sampler
     if (sampler == "euler") != (objective == "flow"):
@@ -78,6 +80,7 @@ def generate(model: Model, labels: torch.Tensor, indices: Sequence[int], shape: 
             t = torch.full((x.shape[0],), 1000.0 * s, device=device)
             v = guided(model, x, t, labels, guidance, null, channels)[:, :channels].float()
             x = x + (s_next - s) * v
+            tick()
         return x.clamp(-1, 1) if clip else x
     abar_all = S.alpha_bar(S.betas(schedule, timesteps))
     chain = timestep_chain(timesteps, steps)  # descending
@@ -89,6 +92,7 @@ def generate(model: Model, labels: torch.Tensor, indices: Sequence[int], shape: 
     for j in range(len(up) - 1, -1, -1):
         t = torch.full((x.shape[0],), float(up[j]), device=device)
         out = guided(model, x, t, labels, guidance, null, channels).float()
+        tick()
         a, ap = abar_c[j].float().to(device).expand(x.shape[0]), abar_prev_c[j].float().to(device).expand(x.shape[0])
         x0, eps = S.predicted_x0_eps(prediction, out[:, :channels], x, a)
         if clip:

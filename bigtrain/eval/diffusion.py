@@ -79,7 +79,11 @@ class DiffusionEvaluator:
             num_workers=ctx.num_workers, pin_memory=ctx.device.type == "cuda",
             make_dataset=lambda split, order: NoisedImageDataset(split, order, self.spec, 0, train=False,
                                                                  noise_shape=tuple(model.sample_shape)))
+        shown = min(self.split.num_samples, self.d.eval_max_samples)  # this rank's share of them, in batches
+        share = (ctx.dp_rank + 1) * shown // ctx.dp_size - ctx.dp_rank * shown // ctx.dp_size
+        progress = ctx.progress(math.ceil(share / self.cfg.eval.batch_size), "denoising loss", "batch")
         for batch in batches:
+            progress.update()
             if self.d.eval_classifier and self.d.samples:  # the real images the samples are compared with
                 keep = batch["weight"] > 0
                 images.append(batch["image"][keep] if "image" in batch else  # stored latents: decoded
@@ -90,6 +94,7 @@ class DiffusionEvaluator:
             n = float(batch["weight"].sum())
             totals += torch.tensor([float(out["loss"]) * n, float(out["mse"]) * n, n, batch["num_samples"],
                                     batch["num_errors"]], dtype=torch.float64)
+        progress.close()
         if ctx.dp_size > 1:
             totals = totals.to(ctx.device)
             dist.all_reduce(totals, group=ctx.dp_group)
@@ -107,13 +112,15 @@ class DiffusionEvaluator:
         n = len(labels)
         per = math.ceil(n / ctx.dp_size)  # every rank runs the same number of forwards (FSDP, TP)
         mine = [min(i, n - 1) for i in range(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)]
+        progress = ctx.progress(d.sample_steps, f"{n} samples", "step")
         with ctx.autocast():
             out = generate(model, labels[mine], mine, model.sample_shape, objective=d.objective,
                            prediction=d.prediction, schedule=d.schedule, timesteps=d.timesteps, sampler=d.sampler,
                            steps=d.sample_steps, guidance=d.guidance, null=null, seed=0,
-                           clip=self.codec is None, device=ctx.device).float()
+                           clip=self.codec is None, device=ctx.device, on_step=progress.update).float()
             if self.codec is not None:
                 out = self.codec.decode(out)
+        progress.close()
         if ctx.dp_size > 1:
             parts = [torch.empty_like(out) for _ in range(ctx.dp_size)]
             dist.all_gather(parts, out.contiguous(), group=ctx.dp_group)
