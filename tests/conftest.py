@@ -45,6 +45,30 @@ def refused_in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def launcher(nproc: int = 1, torchrun: bool | None = None) -> list[str]:
+    """The command prefix that starts ``nproc`` processes: plain ``python`` for one, ``torchrun
+    --standalone`` (as ``python -m torch.distributed.run``, so this interpreter) for more, or for one
+    when ``torchrun`` asks for it (its rank environment, its exit-code handling)."""
+    if torchrun is None:
+        torchrun = nproc > 1
+    if not torchrun:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def launch(*args: str, nproc: int = 1, module: str = "bigtrain", torchrun: bool | None = None,
+           env: dict[str, str] | None = None, timeout: int = 300, wait: bool = True,
+           ) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``python -m MODULE ARGS`` on ``nproc`` ranks (gloo, one thread each), from the repository root,
+    output captured: the one way the tests start bigtrain processes. ``env`` adds to this process's
+    environment; ``wait=False`` returns the running Popen (for tests that signal or kill it)."""
+    cmd = [*launcher(nproc, torchrun), "-m", module, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def assert_shared_modes(path: Path) -> None:
     """``path`` and everything under it carry the modes the umask gives (0644 files, 0755
     directories at umask 022): a command's output is readable by the user's team."""
@@ -122,15 +146,11 @@ def parity(config: Path, overrides: list[str], layouts: list[list[str]], workdir
     under each layout on ``nproc`` ranks. Returns the per-layout comparison, the reference file and
     the ranks' stderr (what rank 0 logged, layout by layout)."""
     args = [x for o in overrides for x in ("--override", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref, out = workdir / "ref.pt", workdir / "results.json"
-    base = ["-m", "bigtrain.tools.parity", "--config", str(config), *args]
-    proc = subprocess.run([sys.executable, *base, "--workdir", str(workdir / "one"), "--reference", str(ref)],
-                          env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    base = ["--config", str(config), *args]
+    proc = launch(*base, "--workdir", str(workdir / "one"), "--reference", str(ref), module="bigtrain.tools.parity")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *base, "--workdir", str(workdir / "two"), "--against", str(ref), "--out", str(out),
-                           "--layouts", json.dumps(layouts)], env=env, cwd=ROOT, timeout=timeout, capture_output=True,
-                          text=True)
+    proc = launch(*base, "--workdir", str(workdir / "two"), "--against", str(ref), "--out", str(out), "--layouts",
+                  json.dumps(layouts), nproc=nproc, torchrun=True, module="bigtrain.tools.parity", timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text()), ref, proc.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, launch
 
 LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
 
@@ -80,7 +80,6 @@ def test_lm_trains_and_resumes(tmp_path: Path) -> None:
 def test_export_hf_from_a_tensor_parallel_checkpoint(tmp_path: Path) -> None:
     """Train 2 ranks with tp=2 (sharded weights), export with `bigtrain export --format hf` in one
     process, and load it with plain transformers: logits equal bigtrain's model on the same input."""
-    import os
     import subprocess
     import sys
 
@@ -93,9 +92,7 @@ def test_export_hf_from_a_tensor_parallel_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [f"data.dir={tmp_path / 'data'}", f"run.dir={run}", "train.steps=3", "checkpoint.every_steps=0",
             "eval.every_steps=0", "parallel.tp=2", "parallel.timeout_s=60"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "bigtrain", "train", str(LM_CONFIG), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch("train", str(LM_CONFIG), *args, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000003"
     out = tmp_path / "hf"

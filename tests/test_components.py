@@ -4,26 +4,20 @@ checkpoints from before the component existed, and data-parallel parity of the a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import TEST_CONFIG, launch
 
 EMA_RUN = ["train.steps=6", "checkpoint.every_steps=3", "checkpoint.keep_last=0", "eval.every_steps=0",
            "eval.fewshot=false", "schedule.cooldown_steps=2", "ema.decay=0.8", "log.every_steps=1"]
 
 
 def _cli(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    head = [sys.executable, "-m", "bigtrain"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "bigtrain"]
-    return subprocess.run([*head, "train", str(TEST_CONFIG), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return launch("train", str(TEST_CONFIG), *args, nproc=nproc)
 
 
 def _saved(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:

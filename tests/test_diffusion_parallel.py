@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, parity
+from conftest import ROOT, launch, parity
 
 RTOL = 1e-5  # fp32 parity tolerance of the other layout tests
 DIT = ["model.variant=debug", "model.image_size=16", "data.image_size=16", "data.augment=none", "model.num_classes=10",
@@ -46,10 +46,7 @@ def test_dit_and_its_sharded_ema_match_one_process(tmp_path: Path, digits_dir: s
 
 
 def _train(args: list[str], nproc: int = 1) -> None:
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 \
-        else [sys.executable]
-    proc = subprocess.run([*launch, "-m", "bigtrain", "train", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc = launch("train", *args, nproc=nproc, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -103,9 +100,7 @@ def test_ema_resumes_exactly_in_layout_and_across_layouts(tmp_path: Path, digits
 
 @pytest.mark.parametrize("bad,message", [(["parallel.tp=2"], "sequence parallelism"), (["parallel.pp=2"], "pipeline")])
 def test_layouts_dit_cannot_run_fail_before_training(tmp_path: Path, digits_dir: str, bad: list[str], message: str) -> None:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    proc = subprocess.run([*launch, "-m", "bigtrain", "train", str(_config(tmp_path, digits_dir)), *DIT, *bad,
-                           f"run.dir={tmp_path / 'bad'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = launch("train", str(_config(tmp_path, digits_dir)), *DIT, *bad, f"run.dir={tmp_path / 'bad'}", nproc=2)
     # each rank exits 2 (bad input); torchrun itself reports a failed child with 1
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())

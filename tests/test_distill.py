@@ -6,16 +6,14 @@ match one process, and a run saved under dp2 ZeRO-3 resumes in one process and a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import parity
+from conftest import launch, parity
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_CONFIG = ROOT / "configs" / "llm" / "stdlib_test.yaml"
@@ -23,10 +21,7 @@ QUIET = ["log.progress=false", "eval.final=false", "eval.every_steps=0"]
 
 
 def bigtrain(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-              "bigtrain"] if nproc > 1 else [sys.executable, "-m", "bigtrain"]
-    return subprocess.run([*launch, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return launch(*args, nproc=nproc)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, launch
 from bigtrain.config import ConfigError, load_config
 from bigtrain.config.core import doc
 from bigtrain.config.schema import ModelConfig
@@ -89,10 +89,7 @@ def _env() -> dict[str, str]:
 
 
 def _train(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 \
-        else [sys.executable]
-    proc = subprocess.run([*launch, "-m", "bigtrain", "train", *args], env=_env(), cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = launch("train", *args, nproc=nproc, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG, launch
 
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 2e-5
@@ -28,10 +27,6 @@ MODELS = {
                    "digits_dir"),
     "llm_stdlib": (LM_CONFIG, ["train.steps=6", "checkpoint.every_steps=0", "parallel.timeout_s=120"], "lm_data_dir"),
 }
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _overrides(model: str, data_dir: str) -> list[str]:
@@ -47,23 +42,18 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     data_dir = request.getfixturevalue(MODELS[model][2])
     work = tmp_path_factory.mktemp(f"parity-{model}")
     ref = work / "ref.pt"
-    subprocess.run(
-        [sys.executable, "-m", "bigtrain.tools.parity", "--config", str(MODELS[model][0]),
-         *_overrides(model, data_dir), "--workdir", str(work), "--reference", str(ref)],
-        check=True, env=_env(), cwd=ROOT, timeout=300, capture_output=True,
-    )
+    proc = launch("--config", str(MODELS[model][0]), *_overrides(model, data_dir), "--workdir", str(work),
+                  "--reference", str(ref), module="bigtrain.tools.parity")
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return model, ref, data_dir
 
 
 def run_layouts(reference: tuple, nproc: int, layouts: list[list[str]], tmp_path: Path) -> dict:
     model, ref, data_dir = reference
     out = tmp_path / "results.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-        "-m", "bigtrain.tools.parity", "--config", str(MODELS[model][0]), *_overrides(model, data_dir),
-        "--workdir", str(tmp_path), "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts),
-    ]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, timeout=900, capture_output=True, text=True)
+    proc = launch("--config", str(MODELS[model][0]), *_overrides(model, data_dir), "--workdir", str(tmp_path),
+                  "--against", str(ref), "--out", str(out), "--layouts", json.dumps(layouts), nproc=nproc, torchrun=True,
+                  module="bigtrain.tools.parity", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -143,9 +133,8 @@ def test_impossible_layouts_fail_before_work(digits_dir: str, tmp_path: Path) ->
 
 
 def test_torchrun_layout_mismatch_is_one_line(digits_dir: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "bigtrain", "train",
-           str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={tmp_path}", "parallel.tp=2", "parallel.dp=2"]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, timeout=300, capture_output=True, text=True)
+    proc = launch("train", str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={tmp_path}", "parallel.tp=2",
+                  "parallel.dp=2", nproc=2)
     assert proc.returncode != 0
     assert "error: cannot infer parallel.pp: dp=2 x tp=2 = 4 does not divide the world size 2" in proc.stderr
     assert f'File "{ROOT / "bigtrain"}' not in proc.stderr, "no traceback from inside bigtrain, only torchrun's own report"
@@ -157,10 +146,10 @@ def test_killed_rank_fails_the_job_fast(digits_dir: str, tmp_path: Path) -> None
     import time
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "bigtrain", "train",
-           str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={run}", "train.steps=100000", "eval.every_steps=0",
-           "checkpoint.every_steps=0", "checkpoint.save_final=false", "parallel.zero=3", "parallel.timeout_s=30"]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch("train", str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={run}", "train.steps=100000",
+                  "eval.every_steps=0", "checkpoint.every_steps=0", "checkpoint.save_final=false", "parallel.zero=3",
+                  "parallel.timeout_s=30", nproc=2, wait=False)
+    assert isinstance(proc, subprocess.Popen)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until training is under way
@@ -202,16 +191,12 @@ def test_pipeline_evaluation_matches_one_process(digits_dir: str, tmp_path: Path
     as tensors on that rank's device (no pickled CUDA tensors on the sender's device index)."""
     common = [str(TEST_CONFIG), f"data.dir={digits_dir}", f"run.dir={tmp_path / 'run'}", "eval.every_steps=0",
               "eval.final=false", "train.steps=6", "checkpoint.every_steps=6", "schedule.cooldown_steps=2"]
-    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", *common], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=_env())
+    proc = launch("train", *common, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = f"resume={tmp_path / 'run' / 'checkpoints' / 'step_00000006'}"
     results = {}
-    for name, launch, layout in (("one", [sys.executable], []),
-                                 ("pp2", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                          "--standalone"], ["parallel.pp=2"])):
-        proc = subprocess.run([*launch, "-m", "bigtrain", "eval", *common, ckpt, *layout], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600, env=_env())
+    for name, nproc, layout in (("one", 1, []), ("pp2", 2, ["parallel.pp=2"])):
+        proc = launch("eval", *common, ckpt, *layout, nproc=nproc, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     one, pp2 = results["one"], results["pp2"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG, launch
 
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 2e-5
@@ -29,12 +29,9 @@ COMMON = ["eval.every_steps=0", "eval.fewshot=false", "checkpoint.keep_last=0", 
 
 
 def torchrun(nproc: int, *args: str, faults: str = "", wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BIGTRAIN_FAULTS": faults}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "bigtrain",
-           "train", str(TEST_CONFIG), *COMMON, *args]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """``bigtrain train`` of the test config under torchrun (also for one rank: its rank environment)."""
+    return launch("train", str(TEST_CONFIG), *COMMON, *args, nproc=nproc, torchrun=True, wait=wait,
+                  env={"BIGTRAIN_FAULTS": faults})
 
 
 def train_records(run: Path) -> dict[int, dict]:
@@ -182,12 +179,7 @@ def test_elastic_resume_matches_uninterrupted(saved: dict[str, Path], source: st
     ckpt = ref_run / "checkpoints" / "step_00000004"
     run = tmp_path / "run"
     args = [f"data.dir={digits_dir}", f"run.dir={run}", *ELASTIC, *layout, f"resume={ckpt}"]
-    if nproc == 1:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(TEST_CONFIG), *COMMON, *args], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-    else:
-        proc = torchrun(nproc, *args)
+    proc = _one_process(*args) if nproc == 1 else torchrun(nproc, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, got = train_records(ref_run), train_records(run)
     assert sorted(got) == [5, 6, 7, 8], "continues at step 5"
@@ -204,8 +196,7 @@ def test_export_safetensors_from_a_four_rank_zero3_checkpoint(saved: dict[str, P
 
     ckpt = saved["dp4-zero3"] / "checkpoints" / "step_00000008"
     out = tmp_path / "model.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "bigtrain", "export", str(ckpt), "--format", "safetensors", "--out",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = launch("export", str(ckpt), "--format", "safetensors", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     exported = load_file(str(out))
     reference = model_params(ckpt)
@@ -283,9 +274,7 @@ def test_bit_rot_in_another_ranks_file_falls_back_on_every_rank(uninterrupted: P
 
 
 def _one_process(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "bigtrain", "train", str(TEST_CONFIG), *COMMON, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return launch("train", str(TEST_CONFIG), *COMMON, *args)
 
 
 def test_one_process_zero3_is_fsdp_on_one_rank_and_resumes_exactly(digits_dir: str, tmp_path: Path) -> None:
