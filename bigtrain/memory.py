@@ -61,7 +61,7 @@ from bigtrain.optim.builder import get_optimizer
 log = logging.getLogger(__name__)
 GiB = 2**30
 # measured on the reference machine (python 3.11, torch 2.13 CPU): RSS of a rank after
-# `import bigtrain`, the gloo process group and the data loader with a tiny model: 336-408 MiB (README, "Memory")
+# `import bigtrain`, the gloo process group and the data loader with a tiny model: 336-408 MiB (docs/memory.md)
 CPU_BASELINE = int(0.4 * GiB)
 # not measured here: the CUDA context and cuBLAS workspaces (outside max_memory_allocated)
 CUDA_BASELINE = int(1.0 * GiB)
@@ -417,7 +417,7 @@ def release_freed_host_memory(threshold_mb: float = 4.0) -> bool:
     gradient's square in the optimizer, an activation's gradient — come from the heap and stay
     resident after they are freed. Measured on ViT-G/14 cut to 8 blocks, one optimizer step:
     +0.72 GiB of RSS kept that way, 0 with a fixed 4 MiB threshold; the price is a page fault per
-    page of every larger allocation (README, "Memory"). A user's own MALLOC_MMAP_THRESHOLD_ wins.
+    page of every larger allocation (docs/memory.md). A user's own MALLOC_MMAP_THRESHOLD_ wins.
     Returns whether the threshold was set."""
     import ctypes
     import ctypes.util

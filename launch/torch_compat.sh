@@ -10,7 +10,7 @@
 # bigtrain with its test extras into it, and runs what a torch upgrade can break: parity of every
 # layout for the four families (all pipeline schedules), resume and elastic resume, checkpoint
 # trust, the optimizers, the optional-package contract and the GPU check's CPU run. The default CI
-# keeps its one torch; this is what a release runs for each supported version (README: "Supported
+# keeps its one torch; this is what a release runs for each supported version (docs/testing.md: "Supported
 # torch versions").
 set -euo pipefail
 

@@ -27,7 +27,7 @@ LAYERS: list[list[str]] = [
      "bigtrain.bench"],
     ["bigtrain.cli", "bigtrain.__main__"],
 ]
-# imports forbidden whatever the layers say (README, "Architecture")
+# imports forbidden whatever the layers say (docs/extending.md, README "Layout")
 FORBIDDEN = [("data_pipeline", "bigtrain"), ("bigtrain.models", "bigtrain.distributed")]
 
 

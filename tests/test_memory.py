@@ -1,7 +1,7 @@
 """The memory estimator: model-state rows follow the ZeRO paper's formulas and the optimizers' declared
 state, activations come from a meta-device profile, `bigtrain estimate` prints them, and `bigtrain
 train` refuses a run that cannot fit before allocating anything. (Its accuracy against measured peaks
-is a benchmark: python -m bigtrain.bench.memory, README "Memory".)"""
+is a benchmark: python -m bigtrain.bench.memory, docs/memory.md.)"""
 
 from __future__ import annotations
 

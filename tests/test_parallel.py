@@ -1,6 +1,6 @@
 """Parity of parallel layouts with a single-process reference (gloo, fp32).
 
-Tolerances (stated in the README): per-step loss and gradient-norm relative
+Tolerances (stated in docs/parallelism.md): per-step loss and gradient-norm relative
 difference <= 1e-5, and ||P - P_ref|| / ||P_ref - P_0|| <= 2e-5 over all
 parameters after training (the parameter difference relative to how far
 training moved the parameters).

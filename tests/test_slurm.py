@@ -2,7 +2,7 @@
 fixture): ``sbatch slurm/llm.sh``, preemption and requeue, a killed rank, the retry cap, and
 submitit (on Slurm and with its local executor). gloo, the tiny causal-LM config.
 
-Parity with one process uses the tolerance of the parity tests (README): per-step loss within
+Parity with one process uses the tolerance of the parity tests (docs/parallelism.md): per-step loss within
 1e-5 relative, ||P - P_ref|| / ||P_ref - P_0|| <= 2e-5. Interrupted-and-resumed runs of the same
 layout must be bit-identical to the uninterrupted one.
 """

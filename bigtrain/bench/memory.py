@@ -28,7 +28,7 @@ CONFIG = ROOT / "configs" / "vit" / "digits_tiny.yaml"
 # ViT-L/4 on 32 px digits (304M parameters, 64 tokens): model states of several GiB, activations
 # large enough to matter without AC
 COMMON = ["model.width=1024", "model.depth=24", "model.num_heads=16", "model.mlp_dim=4096", "model.dropout=0.0", "train.global_batch_size=16", "optim.grad_clip_norm=1.0",
-          "train.host_memory_release=on"]  # the estimate's accuracy is stated for this mode (README, "Memory")
+          "train.host_memory_release=on"]  # the estimate's accuracy is stated for this mode (docs/memory.md)
 BF16 = ["model.width=1024", "model.depth=24", "model.num_heads=16", "model.mlp_dim=4096", "model.dropout=0.0",
         "data.image_size=16", "model.image_size=16", "model.patch_size=8", "train.global_batch_size=4",
         "optim.grad_clip_norm=1.0", "train.dtype=bfloat16", "train.host_memory_release=on"]

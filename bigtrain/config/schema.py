@@ -40,7 +40,7 @@ class TrainConfig:
         True, "Before allocating, estimate the memory per rank (`bigtrain estimate`) and refuse the run (exit 2) when "
         "it exceeds the device's (GPU memory; on CPU, host RAM / the ranks on the node). false = try anyway.")
     host_memory_release: Literal["auto", "on", "off"] = doc(
-        "auto", "Fix glibc's mmap threshold at 4 MiB so freed large temporaries leave RSS (README, 'Memory'): less "
+        "auto", "Fix glibc's mmap threshold at 4 MiB so freed large temporaries leave RSS (docs/memory.md): less "
         "host memory, but slower steps for small models (page faults: +31% step time on the default job). auto = on "
         "for CPU runs whose estimate exceeds half of the memory per rank.")
     tf32: bool = doc(True, "CUDA: allow TF32 tensor cores for fp32 matmuls and convolutions (no effect on CPU).")
@@ -323,7 +323,7 @@ class LogConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = doc(0, "Data-parallel degree; 0 = inferred from the world size (see README: degrees).", ge=0)
+    dp: int = doc(0, "Data-parallel degree; 0 = inferred from the world size (see docs/parallelism.md).", ge=0)
     tp: int = doc(0, "Tensor-parallel degree; 0 = inferred (1 unless it is the only unset degree).", ge=0)
     pp: int = doc(0, "Pipeline-parallel degree; 0 = inferred (1 unless it is the only unset degree).", ge=0)
     zero: Literal[0, 1, 2, 3] = doc(

@@ -7,7 +7,7 @@ Between steps m and v are stored as uint8 codes into a 256-entry dynamic (expone
 fraction) map — signed for m, unsigned for v — times one fp32 absmax per block of 256: 2 + 8/256 =
 2.03 bytes per parameter instead of 8.
 
-Why not bitsandbytes or torchao (README, "Optimizers"): both key their decisions and blocks to the
+Why not bitsandbytes or torchao (docs/training.md, "Optimizers and schedules"): both key their decisions and blocks to the
 *local* tensor. bitsandbytes keeps plain per-rank state, which DCP deduplicates across ranks (bnb#89,
 #1633), and applies its 4096-element threshold to the local shard (#2080); torchao quantizes a shard
 only when its local size divides by the block and reshards only at block-aligned dim-0 slices, so a
