@@ -40,6 +40,21 @@ def refused_in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]]
     return err[-1]
 
 
+# `-m quick` (the edit-test loop, a few minutes on 2 cores): the units of every subsystem and one
+# small run of each family (train, resume bit-exactly, 2-rank data parallel). Whole files by name,
+# or single tests by their name before any parameters.
+QUICK_FILES = {"test_layers.py", "test_config.py", "test_schedules.py", "test_optim.py", "test_fewshot.py",
+               "test_step_sync.py", "test_sharded_init.py", "test_vit.py", "test_dit.py", "test_guard.py",
+               "test_cli.py", "test_data.py"}
+QUICK_TESTS = {"test_every_family_debug_preset"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in QUICK_FILES or item.originalname in QUICK_TESTS:
+            item.add_marker(pytest.mark.quick)
+
+
 # One thread per test process keeps timings stable on the 2-core CI machine and
 # results independent of how many tests run at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -67,6 +82,26 @@ def launch(*args: str, nproc: int = 1, module: str = "bigtrain", torchrun: bool 
     if not wait:
         return subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def required_values(config: Path, workdir: Path) -> list[str]:
+    """Overrides for the keys a shipped config leaves ``???`` (today only weights to start or
+    distill from): a tiny Llama ``config.json``, which is all validation reads."""
+    import yaml
+
+    from bigtrain.config.core import required_keys
+
+    missing = required_keys(yaml.safe_load(config.read_text()) or {})
+    if not missing:
+        return []
+    assert all(k.endswith(".pretrained") for k in missing), f"no test value for {missing} of {config}"
+    hf = workdir / "hf_config_only"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=257, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False)))
+    return [f"{k}={hf}" for k in missing]
 
 
 def assert_shared_modes(path: Path) -> None:

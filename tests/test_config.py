@@ -5,7 +5,7 @@ import pytest
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
 from bigtrain.config.core import from_dict
 
-from conftest import ROOT
+from conftest import ROOT, required_values
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -15,8 +15,16 @@ def test_there_are_configs() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_every_shipped_config_validates_and_has_header(path: Path) -> None:
-    cfg = load_config(path)
+def test_every_shipped_config_validates_and_has_header(path: Path, tmp_path: Path) -> None:
+    """A config that leaves keys ``???`` is refused without them (naming each) and valid with them."""
+    given = required_values(path, tmp_path)
+    if given:
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert all(repr(v.split("=")[0]) in str(err.value) for v in given) and "must be given" in str(err.value)
+        assert all(v.split("=")[0] in path.read_text().split("Command:")[1].splitlines()[0] for v in given), \
+            f"{path}'s Command: line gives the required keys"
+    cfg = load_config(path, given)
     assert isinstance(cfg, Config)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header).lower()

@@ -132,7 +132,9 @@ def test_submit_without_sbatch_and_batch_side_environment_errors(capsys: pytest.
         monkeypatch.delenv(name)
 
 
-@pytest.mark.parametrize("max_timeouts", [3, 0])
+# max_timeouts=3 (requeued and finished) is slow: tests/test_slurm.py proves the same requeue through
+# submitit on a real Slurm by default; 0 (not requeued, exit 75) is this file's own path
+@pytest.mark.parametrize("max_timeouts", [pytest.param(3, marks=pytest.mark.slow), 0])
 def test_submitit_local_two_ranks_preempted_requeued_and_finished(max_timeouts: int, tmp_path: Path) -> None:
     """``--local``: the same job through submitit's local executor. USR2 to one rank (what
     submitit's controller sends before its time limit): all ranks save, rank 0 requeues, the

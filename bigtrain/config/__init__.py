@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bigtrain.config.core import ConfigError, apply_overrides, describe, dump_yaml, from_dict, load_yaml
+from bigtrain.config.core import ConfigError, apply_overrides, check_required, describe, dump_yaml, from_dict, load_yaml
 from bigtrain.config.schema import Config
 
 __all__ = ["Config", "ConfigError", "load_config", "load_saved_config", "describe", "dump_yaml"]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, validate everything."""
+    """Read a YAML config, apply ``key=value`` overrides, validate everything. A value ``???`` in
+    the file must be overridden (one line naming the keys otherwise)."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(Config, data, list(overrides))
+    check_required(data, str(path) if path is not None else "the command line")
     return from_dict(Config, data)
 
 

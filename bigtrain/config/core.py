@@ -229,6 +229,30 @@ def apply_overrides(root_cls: Any, data: dict[str, Any], overrides: list[str]) -
     return data
 
 
+REQUIRED = "???"  # a value the config leaves to the command line (as in OmegaConf / Hydra)
+
+
+def required_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose value is still ``???``: a shipped config that cannot name, e.g., the
+    weights a user will distill from marks them so instead of shipping a path that is wrong."""
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys += required_keys(value, f"{prefix}{key}.")
+        elif value == REQUIRED:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_required(data: dict[str, Any], source: str) -> None:
+    missing = required_keys(data)
+    if missing:
+        given = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"config key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)} "
+                          f"must be given: {source} leaves {'them' if len(missing) > 1 else 'it'} {REQUIRED} "
+                          f"(add {given} to the command line)")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

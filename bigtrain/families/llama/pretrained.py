@@ -31,9 +31,11 @@ SIZE_KEYS = {"hidden_size": "width", "num_hidden_layers": "depth", "num_attentio
 
 def is_checkpoint(path: str) -> bool:
     """A bigtrain checkpoint directory (its config YAML, no HF config.json)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return False  # before importing the checkpoint layer (torch): `config show` of an HF start stays light
     from bigtrain.checkpoint import CONFIG_FILE
 
-    return not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def saved_section(path: str, key: str = "model.pretrained") -> Any:
