@@ -43,14 +43,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     from bigtrain.components.teacher import fingerprint
     from bigtrain.distributed import ParallelState
-    from bigtrain.recipes import build_teacher, ensure_data, make_task, train_dataset, uses_teacher
+    from bigtrain.families import RunSpec
+    from bigtrain.recipes import build_teacher, ensure_data, make_task, train_dataset
     from bigtrain.run import setup_logging
     from data_pipeline import load_split
     from data_pipeline.logits import LogitsMeta, write_meta
 
     args = _parse(argv)
     cfg = load_config(args.config, args.overrides)
-    if not uses_teacher(cfg) or not cfg.teacher.family:
+    run = RunSpec.of(cfg)
+    if not run.uses_teacher or run.teacher_family is None:
         raise ConfigError(f"{args.config} has no teacher to run (task={cfg.task}, teacher.family="
                           f"{cfg.teacher.family or None}): give the distillation config with its teacher section")
     for flag, value, low in (("--top-k", args.top_k, 1), ("--samples-per-shard", args.samples_per_shard, 1),
@@ -68,11 +70,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError("distill-logits runs the teacher data- and tensor-parallel: parallel.pp must be 1")
         setup_logging(ps.rank)
         if ps.rank == 0:
-            ensure_data(cfg)
+            ensure_data(run)
         ps.barrier()
-        dataset = train_dataset(cfg, load_split(cfg.data.dir, cfg.data.train_split))
-        teacher = build_teacher(cfg, ps, torch.bfloat16 if cfg.train.dtype == "bfloat16" else None)
-        task = make_task(cfg, teacher.model, teacher.model)
+        dataset = train_dataset(run, load_split(cfg.data.dir, cfg.data.train_split))
+        teacher = build_teacher(run, ps, torch.bfloat16 if cfg.train.dtype == "bfloat16" else None)
+        task = make_task(run, teacher.model, teacher.model)
         samples = cfg.train.steps * cfg.train.global_batch_size
         meta = LogitsMeta(top_k=args.top_k, items=0, vocab=0, temperature=cfg.distill.temperature, samples=samples,
                           samples_per_shard=args.samples_per_shard, seed=cfg.train.seed,

@@ -26,6 +26,7 @@ from bigtrain.config.core import help_text
 
 
 def main(argv: list[str]) -> int:
+    from bigtrain.families import RunSpec
     from bigtrain.families.image_diffusion import diffusion_spec, latent_codec
     from bigtrain.recipes import ensure_data, load_splits
     from data_pipeline import sequential_batches
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"encode-latents needs a latent-diffusion config (model.vae set; model.family={cfg.model.family})")
     # a new set only: nothing is overwritten, and the output may not sit in (or hold) the data or the VAE
     check_output(args.out, "--out", "dir", sources=(cfg.data.dir, cfg.model.vae))
-    ensure_data(cfg)
+    ensure_data(RunSpec.of(cfg))
     splits = dict(zip((cfg.data.train_split, cfg.data.eval_split), load_splits(cfg)))
     codec = latent_codec(cfg, device)
     spec = diffusion_spec(cfg, train=False)

@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bigtrain.config import Config, ConfigError
 from bigtrain.config.batching import plan_batches
 from bigtrain.distributed.mesh import infer_degrees
-from bigtrain.families import get_family
+from bigtrain.families import RunSpec
 from bigtrain.optim.builder import get_optimizer
 
 log = logging.getLogger(__name__)
@@ -175,30 +175,31 @@ def _fake_build() -> Any:
         torch.nn.init.trunc_normal_ = own
 
 
-def profile_activations(cfg: Config, micro_batch: int) -> ActivationProfile:
+def profile_activations(run: RunSpec, micro_batch: int) -> ActivationProfile:
     """Saved-tensor bytes of one forward on fake CPU tensors (under autocast for bf16; on ``meta``
     where they cannot run it), attributed to the block that saved them."""
-    family = get_family(cfg.model.family)
+    family = run.family
     if family.example_batch is None:
         raise ConfigError(f"model.family={family.name} declares no example_batch: its activations cannot be profiled")
     try:
-        return _profile_in(cfg, micro_batch, family, True)
+        return _profile_in(run, micro_batch, True)
     except Exception as exc:  # an op the fake tensors cannot run (a value read): meta, fp32 sizes, an upper bound
         log.warning("activations not traced on fake tensors (%s: %s): counted on meta, at fp32 size",
                     type(exc).__name__, exc)
-    return _profile_in(cfg, micro_batch, family, False)
+    return _profile_in(run, micro_batch, False)
 
 
-def _profile_in(cfg: Config, micro_batch: int, family: Any, fake: bool) -> ActivationProfile:
-    from bigtrain.recipes import build_model, make_task, uses_teacher
+def _profile_in(run: RunSpec, micro_batch: int, fake: bool) -> ActivationProfile:
+    from bigtrain.recipes import build_model, make_task
 
-    live_teacher = uses_teacher(cfg) and not cfg.distill.logits
+    cfg, family = run.cfg, run.family
+    live_teacher = run.uses_teacher and not cfg.distill.logits
     mode, autocast = _traced_model(fake, cfg.train.dtype == "bfloat16")
     with mode:
-        model = build_model(cfg)
-        teacher = build_model(cfg, "teacher").eval().requires_grad_(False) if live_teacher else None
+        model = build_model(run)
+        teacher = build_model(run, "teacher").eval().requires_grad_(False) if live_teacher else None
         model.train()
-        task = make_task(cfg, model, teacher)
+        task = make_task(run, model, teacher)
         batch = {k: torch.empty_like(v, device="cpu" if fake else "meta") if torch.is_tensor(v)
                  else v for k, v in family.example_batch(cfg.model, micro_batch, torch.Generator().manual_seed(0)).items()}
         if cfg.distill.logits:  # the stored targets' fields, as the loader adds them
@@ -270,14 +271,15 @@ def _local_numel(p: torch.Tensor, block_params: set[int], dp: int, tp: int, fsdp
     return tuple(shape)
 
 
-def _stage_model(cfg: Config, pp: int) -> tuple[nn.Module, int]:
+def _stage_model(run: RunSpec, pp: int) -> tuple[nn.Module, int]:
     """The meta model of the pipeline rank holding the most parameters — all its stages (interleaved and
     ZBV schedules give a rank several) — and its block count; the whole model when pp == 1."""
     from bigtrain.distributed.pipeline import rank_stage_ids, split_blocks, stages_per_rank
     from bigtrain.recipes import build_model
 
+    cfg = run.cfg
     with torch.device("meta"):
-        full = build_model(cfg)
+        full = build_model(run)
     if pp == 1:
         return full, len(getattr(full, "blocks", []))
     v = stages_per_rank(cfg.parallel)
@@ -287,7 +289,7 @@ def _stage_model(cfg: Config, pp: int) -> tuple[nn.Module, int]:
         ids = rank_stage_ids(rank, pp, v, cfg.parallel.pp_schedule)
         keep = [name for i in ids for name in layout[i]]
         with torch.device("meta"):
-            stage = build_model(cfg)
+            stage = build_model(run)
         stage.prune_for_stage(keep, 0 in ids, pp * v - 1 in ids)
         n = sum(p.numel() for p in stage.parameters())
         if n > best_n:
@@ -303,11 +305,12 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
     plan = plan_batches(cfg, dp, pp)
     spec = get_optimizer(cfg.optim.name)
     t0 = time.perf_counter()
-    model, nblocks = _stage_model(cfg, pp)
+    run = RunSpec.of(cfg)
+    model, nblocks = _stage_model(run, pp)
     # the two slow parts (seconds each for a billion-parameter model) say what they are doing
     log.info("memory estimate: %s built on meta in %.1f s (%.3g parameters); profiling activations (micro-batch %d)",
              cfg.model.family, time.perf_counter() - t0, sum(p.numel() for p in model.parameters()), plan.micro)
-    family = get_family(cfg.model.family)
+    family = run.family
     if family.check_layout is not None:  # what train would refuse for this tp, before any number
         family.check_layout(model, cfg, tp)
     elif tp > 1 and family.parallelize is None:
@@ -335,7 +338,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
             rows["FSDP unsharded blocks (ZeRO-2)"] = unit * nblocks * param_bytes + unit * 4
     t0 = time.perf_counter()
     try:
-        prof = profile_activations(cfg, plan.micro)
+        prof = profile_activations(run, plan.micro)
         log.info("memory estimate: activations profiled in %.1f s", time.perf_counter() - t0)
     except Exception as exc:  # a family without an example batch, or an op with no meta kernel
         log.warning("activations not estimated (%s: %s): the estimate is a lower bound", type(exc).__name__, exc)
@@ -359,7 +362,7 @@ def estimate(cfg: Config, world_size: int, device: str = "cpu") -> MemoryEstimat
         from bigtrain.recipes import build_model
 
         with torch.device("meta"):
-            teacher = build_model(cfg, "teacher")
+            teacher = build_model(run, "teacher")
         t_blocks = _block_params(teacher)
         rows["teacher parameters"] = sum(math.prod(_local_numel(p, t_blocks, dp, tp, cfg.distill.shard_teacher))
                                          * param_bytes for p in teacher.parameters())

@@ -2,7 +2,9 @@
 
 The model family named in ``model.family`` supplies the model, its parallelization, task, data
 and evaluator (:mod:`bigtrain.families`); this module assembles them with the layout, optimizer,
-data stream and checkpointer. Neither it nor the trainer branches on the family or the task.
+data stream and checkpointer. Neither it nor the trainer branches on the family or the task. The
+builders take a :class:`~bigtrain.config.registry.RunSpec` (the config with its families resolved
+once), not the config's ``model.family`` string.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bigtrain.distributed.activation import clean_name
 from bigtrain.distributed.sharded_init import NotRecordable, materialize, record_build
 from bigtrain.distributed.data_parallel import DataParallel
 from bigtrain.distributed.pipeline import Pipeline, PipelineModel, merge_parts
-from bigtrain.families import EvalContext, Family, get_family
+from bigtrain.families import EvalContext, RunSpec
 from bigtrain.optim import LRSchedule, ScheduleSpec, build_optimizer, check_optimizer
 from bigtrain.optim.builder import head_param_names, no_weight_decay_names
 from bigtrain.trainer import Trainer
@@ -40,13 +42,14 @@ from data_pipeline.writer import write_set_atomically
 log = logging.getLogger(__name__)
 
 
-def ensure_data(cfg: Config) -> None:
+def ensure_data(run: RunSpec) -> None:
     """Write the family's embedded data set (``data.source``) into ``data.dir`` if it holds no shards
     for the train split.
 
     The set is written into a temporary directory and renamed into place when complete, and
     only where ``data.dir`` does not exist or is empty: a directory of the user's that is not a
     shard set is never written into."""
+    cfg = run.cfg
     d = cfg.data
     have_index = bool(split_entry(d.dir, d.train_split))
     if have_index or (os.path.isdir(d.dir) and find_foreign_shards(d.dir, d.train_split)):
@@ -58,25 +61,26 @@ def ensure_data(cfg: Config) -> None:
             f"data.dir={d.dir!r} is not empty and holds no shards for split '{d.train_split}': refusing to write "
             f"data.source={d.source} into it (point data.dir at a new or empty directory, or set data.source=none)")
     log.info("writing data.source=%s into %s", d.source, d.dir)
-    write = get_family(cfg.model.family).data_sources[d.source]
+    write = run.family.data_sources[d.source]
     write_set_atomically(d.dir, lambda tmp: write(cfg, tmp))
 
 
-def build_model(cfg: Config, section: str = "model") -> nn.Module:
-    """The one-device model of a config's model section (``teacher`` for the teacher); works under
+def build_model(run: RunSpec, section: str = "model") -> nn.Module:
+    """The one-device model of a run's model section (``teacher`` for the teacher); works under
     ``torch.device("meta")``. Initialisation depends on ``train.seed`` only, not on what ran before."""
-    model_cfg = getattr(cfg, section)
-    torch.manual_seed(cfg.train.seed)
-    return get_family(model_cfg.family).build(model_cfg)
+    model_cfg, family = run.section(section)
+    torch.manual_seed(run.cfg.train.seed)
+    return family.build(model_cfg)
 
 
-def parallelize(family: Family, model: nn.Module, cfg: Config, ps: ParallelState, param_dtype: torch.dtype | None) -> nn.Module:
+def parallelize(run: RunSpec, model: nn.Module, ps: ParallelState, param_dtype: torch.dtype | None) -> nn.Module:
+    family, cfg = run.family, run.cfg
     if family.parallelize is None:
         return parallelize_blocks(model, ps, cfg.parallel, param_dtype)
     return family.parallelize(model, ps, cfg, param_dtype)
 
 
-def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: torch.dtype | None,
+def build_parallel(run: RunSpec, ps: ParallelState, param_dtype: torch.dtype | None,
                    prune: Callable[[nn.Module], None] | None = None, section: str = "model") -> nn.Module:
     """This rank's parallelized model (or pipeline stage, cut by ``prune``) of a model section. It is
     built on ``meta``, parallelized there and materialized empty on the device; then each rank fills
@@ -84,13 +88,14 @@ def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: 
     replaying the recorded initialisation one tensor at a time (the values a CPU build gives). No
     rank ever holds the whole model. A builder the recording cannot replay (``parallel.sharded_init``
     false, or see :mod:`bigtrain.distributed.sharded_init`) is built whole on the CPU and moved."""
-    model_cfg = getattr(cfg, section)
+    model_cfg, family = run.section(section)
     source = family.pretrained(model_cfg) if family.pretrained is not None else None
-    if section != "model":  # the family's parallelize reads the model section: give it this one
-        cfg = dataclasses.replace(cfg, model=model_cfg)
+    if section != "model":  # the family's parallelize reads the model section: this one, built by its family
+        run = RunSpec(dataclasses.replace(run.cfg, model=model_cfg), family)
+    cfg = run.cfg
 
     def build() -> nn.Module:
-        model = build_model(cfg, section)
+        model = build_model(run)
         if prune is not None:
             prune(model)
         return model
@@ -98,7 +103,7 @@ def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: 
     if source is not None:
         with torch.device("meta"):
             model = build()
-        model = parallelize(family, model, cfg, ps, param_dtype)
+        model = parallelize(run, model, ps, param_dtype)
         model.to_empty(device=ps.device)
         read = source.load(model)
         log.info("loaded %s: %d tensors, %d elements on this rank", source.path, read["tensors"], read["elements"])
@@ -111,47 +116,43 @@ def build_parallel(cfg: Config, family: Family, ps: ParallelState, param_dtype: 
             log.warning("sharded init: cannot record %s's initialisation (%s); building it whole on the CPU",
                         model_cfg.family, exc)
     if built is None:
-        return parallelize(family, build().to(ps.device), cfg, ps, param_dtype)
-    model = parallelize(family, built.model, cfg, ps, param_dtype)
+        return parallelize(run, build().to(ps.device), ps, param_dtype)
+    model = parallelize(run, built.model, ps, param_dtype)
     stats = materialize(built, model, ps.device, cfg.train.seed, clean_name)
     log.info("initialised %d elements on this rank from seed %d (%d ops replayed, host peak %.1f MiB in flight)",
              stats["elements"], cfg.train.seed, stats["ops"], stats["peak_bytes"] / 2**20)
     return model
 
 
-def build_teacher(cfg: Config, ps: ParallelState, param_dtype: torch.dtype | None) -> Teacher:
+def build_teacher(run: RunSpec, ps: ParallelState, param_dtype: torch.dtype | None) -> Teacher:
     """The frozen teacher on the student's mesh: its pretrained weights (required), tensor-parallel
     like the student, FSDP-sharded over data parallel (``distill.shard_teacher``), no activation
     checkpointing (it never runs backward)."""
-    family = get_family(cfg.teacher.family, "teacher.family")
-    source = family.pretrained(cfg.teacher) if family.pretrained is not None else None
+    cfg = run.cfg
+    teacher_cfg, family = run.section("teacher")
+    source = family.pretrained(teacher_cfg) if family.pretrained is not None else None
     if source is None:
         raise ConfigError(f"the teacher (teacher.family={cfg.teacher.family}) has no weights to load: name them in "
                           "the teacher section (e.g. teacher.pretrained=DIR)")
     layout = dataclasses.replace(cfg.parallel, zero=3 if cfg.distill.shard_teacher else 0,
                                  activation_checkpointing="none")
-    model = build_parallel(dataclasses.replace(cfg, parallel=layout), family, ps, param_dtype, section="teacher")
+    model = build_parallel(run.replace(parallel=layout), ps, param_dtype, section="teacher")
     return Teacher(model, source.path)
 
 
-def make_task(cfg: Config, model: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
-    """The objective ``task`` of the config's family, wrapping ``model`` (and the teacher, for tasks
+def make_task(run: RunSpec, model: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
+    """The run's objective (``task`` of its family), wrapping ``model`` (and the teacher, for tasks
     that use one)."""
-    factory = get_family(cfg.model.family).tasks[cfg.task]
-    return factory(cfg, model, teacher) if uses_teacher(cfg) else factory(cfg, model)
+    return run.task(run.cfg, model, teacher) if run.uses_teacher else run.task(run.cfg, model)
 
 
-def uses_teacher(cfg: Config) -> bool:
-    return bool(getattr(get_family(cfg.model.family).tasks[cfg.task], "uses_teacher", False))
+def train_dataset(run: RunSpec, split: SplitInfo) -> Any:
+    return run.family.train_data(run.cfg, split)
 
 
-def train_dataset(cfg: Config, split: SplitInfo) -> Any:
-    return get_family(cfg.model.family).train_data(cfg, split)
-
-
-def train_flops_per_sample(model: nn.Module, cfg: Config) -> float:
+def train_flops_per_sample(model: nn.Module, run: RunSpec) -> float:
     """Model FLOPs of one training sample (forward + backward) of the unsharded model."""
-    return float(get_family(cfg.model.family).flops_per_sample(model, cfg.model))
+    return float(run.family.flops_per_sample(model, run.cfg.model))
 
 
 def data_workers(cfg: Config, ps: ParallelState) -> int:
@@ -170,12 +171,13 @@ def data_workers(cfg: Config, ps: ParallelState) -> int:
     return max(0, min(8, share - 1))
 
 
-def make_evaluator(cfg: Config, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any,
+def make_evaluator(run: RunSpec, train_split: SplitInfo, eval_split: SplitInfo, ps: ParallelState, autocast: Any,
                    step: Callable[[], int] = lambda: 0) -> Any:
+    cfg = run.cfg
     ctx = EvalContext(dp_rank=ps.dp_rank, dp_size=ps.dp, dp_group=ps.group("dp"), device=ps.device, autocast=autocast,
                       num_workers=data_workers(cfg, ps), run_dir=cfg.run.dir, step=step, rank=ps.rank,
                       progress_mode=cfg.log.progress, progress_every_s=cfg.log.progress_every_s)
-    return get_family(cfg.model.family).evaluator(cfg, train_split, eval_split, ctx)
+    return run.family.evaluator(cfg, train_split, eval_split, ctx)
 
 
 def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
@@ -203,47 +205,48 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         torch.set_num_threads(cfg.train.num_threads)
     if ps.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    family = get_family(cfg.model.family)
+    run = RunSpec.of(cfg)  # the families resolved once, for every builder below
+    family = run.family
     batches = plan_batches(cfg, ps.dp, ps.pp)
     check_optimizer(cfg.optim.name, ps.tp, cfg.parallel.zero, ps.dp)  # an impossible layout fails before any work
     if ps.pp > 1 and not family.pipeline:
         raise ConfigError(f"model.family={cfg.model.family} does not split into pipeline stages: parallel.pp must be 1 "
                           f"(got {ps.pp})")
-    if ps.pp > 1 and uses_teacher(cfg):
+    if ps.pp > 1 and run.uses_teacher:
         raise ConfigError(f"task={cfg.task} runs a teacher beside the student, which the pipeline schedules do not "
                           f"carry: parallel.pp must be 1 (got {ps.pp})")
     if ps.rank == 0:
-        ensure_data(cfg)
+        ensure_data(run)
     ps.barrier()  # other ranks read the shards rank 0 may just have written
     train_split, eval_split = load_splits(cfg)
     param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
     with torch.device("meta"):  # names for parameter groups, from the whole (unsplit) model
-        full = build_model(cfg)
+        full = build_model(run)
     pipeline, teacher = None, None
     if ps.pp > 1:
-        task = make_task(cfg, nn.Identity())
+        task = make_task(run, nn.Identity())
 
         def build_stage(blocks: list[str], first: bool, last: bool) -> nn.Module:
             # same seed on every rank: stages hold slices of one init
-            return build_parallel(cfg, family, ps, param_dtype, lambda m: m.prune_for_stage(blocks, first, last))
+            return build_parallel(run, ps, param_dtype, lambda m: m.prune_for_stage(blocks, first, last))
 
         pipeline = Pipeline(ps, cfg.parallel, build_stage, list(full.blocks.keys()), task.pipeline_loss,
                             batches.pipeline_microbatches)
         parts = pipeline.parts  # the schedule splits the per-rank batch itself
         task.model = PipelineModel(pipeline)
     else:
-        parts = [build_parallel(cfg, family, ps, param_dtype)]
+        parts = [build_parallel(run, ps, param_dtype)]
         if cfg.distill.logits:  # the store stands in for the teacher, which is never built
             teacher = Teacher(None, cfg.distill.logits)
-        elif uses_teacher(cfg):
-            teacher = build_teacher(cfg, ps, param_dtype)
-        task = make_task(cfg, parts[0], teacher.model if teacher else None)
+        elif run.uses_teacher:
+            teacher = build_teacher(run, ps, param_dtype)
+        task = make_task(run, parts[0], teacher.model if teacher else None)
     model = merge_parts(parts)
     dp = DataParallel(parts, ps, cfg.parallel.zero)
     # after parallelize: the optimizer must see the sharded parameters
     optimizer = build_optimizer(model, cfg.optim, no_weight_decay_names(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
-    dataset = train_dataset(cfg, train_split)
+    dataset = train_dataset(run, train_split)
     if cfg.distill.logits:
         dataset.stored = verified_store(cfg.distill.logits, ps)
     stream = TrainStream(
@@ -262,7 +265,7 @@ def build_trainer(cfg: Config, ps: ParallelState | None = None) -> Trainer:
         components.append(teacher)
     trainer = Trainer(cfg, model, task, optimizer, schedule, stream, checkpointer, parallel=ps, dp=dp, pipeline=pipeline,
                       components=components)
-    trainer.evaluator = make_evaluator(cfg, train_split, eval_split, ps, trainer.autocast, lambda: trainer.state.step)
+    trainer.evaluator = make_evaluator(run, train_split, eval_split, ps, trainer.autocast, lambda: trainer.state.step)
     log.info(
         "model: %s/%s, %.2fM params, %.3f GFLOP/sample (train); data: %d train / %d eval samples",
         family.name, cfg.model.variant, num_params(full) / 1e6, family.flops_per_sample(full, cfg.model) / 1e9,

@@ -87,6 +87,7 @@ def test_export_hf_from_a_tensor_parallel_checkpoint(tmp_path: Path) -> None:
 
     from bigtrain.config import load_config
     from bigtrain.export import load_model_state
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model
 
     run = tmp_path / "run"
@@ -101,7 +102,7 @@ def test_export_hf_from_a_tensor_parallel_checkpoint(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     hf = LlamaForCausalLM.from_pretrained(str(out))
-    model = build_model(load_config(LM_CONFIG, args))
+    model = build_model(RunSpec.of(load_config(LM_CONFIG, args)))
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_model_state(str(ckpt)))
     assert not torch.equal(fresh["lm_head.weight"], model.state_dict()["lm_head.weight"]), "trained weights"

@@ -225,10 +225,11 @@ def test_latent_dit_trains_samples_and_checks_its_keys(tmp_path, digits_dir: str
               "diffusion.eval_max_samples=64",
               "diffusion.sample_steps=3", f"run.dir={tmp_path / 'run'}"]
     cfg = load_config(common[0], common[1:])
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model
 
     with torch.device("meta"):
-        assert build_model(cfg).sample_shape == (2, 8, 8)  # the latents, not the 16x16 images
+        assert build_model(RunSpec.of(cfg)).sample_shape == (2, 8, 8)  # the latents, not the 16x16 images
     with pytest.raises(ConfigError, match="data.mean"):
         load_config(common[0], [*common[1:], "data.mean=[0.1]"])
     proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", *common], cwd=ROOT, capture_output=True, text=True,

@@ -201,6 +201,7 @@ def test_vit_g14_recipe_config() -> None:
     """The shipped ViT-G/14 recipe resolves to the paper's model and big_vision's optimizer settings."""
     from bigtrain.config import load_config
     from bigtrain.config.schema import parse_wd_mults
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model, num_params
     from bigtrain.tasks import ClassificationTask
 
@@ -208,7 +209,7 @@ def test_vit_g14_recipe_config() -> None:
     assert (cfg.model.width, cfg.model.depth, cfg.model.mlp_dim, cfg.model.num_heads) == (1664, 48, 8192, 16)
     assert cfg.optim.name == "factored" and cfg.optim.weight_decay == pytest.approx(0.03 * cfg.optim.lr)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(RunSpec.of(cfg))
     assert round(model.num_params(trunk_only=True) / 1e9, 3) == 1.843 and round(num_params(model) / 1e9, 3) == 1.917
     rules = parse_wd_mults(cfg.optim.wd_mults)
     mult = {n: next((m for rx, m in rules if rx.fullmatch(n)), 0.0) for n, _ in model.named_parameters()}
@@ -222,7 +223,7 @@ def test_vit_g14_recipe_config() -> None:
                  + (1 - torch.nn.functional.one_hot(labels, 5)) * torch.nn.functional.logsigmoid(-logits)).sum(-1).mean()
     assert float(task.loss(logits, {"label": labels})["loss"]) == pytest.approx(float(expected), rel=1e-6)
     small = load_config(None, ["model.variant=debug", "model.head_bias_init=-10", "task=sigmoid_classification"])
-    assert torch.all(build_model(small).head.bias == -10.0)
+    assert torch.all(build_model(RunSpec.of(small)).head.bias == -10.0)
 
 
 def test_a_resumed_step_counter_stays_on_the_host() -> None:

@@ -21,7 +21,7 @@ from conftest import ROOT, launch
 from bigtrain.config import ConfigError, load_config
 from bigtrain.config.core import doc
 from bigtrain.config.schema import ModelConfig
-from bigtrain.families import Family, family_names, get_family, register_family
+from bigtrain.families import Family, RunSpec, family_names, get_family, register_family
 from bigtrain.families.image_classification import classification_evaluator, image_train_data, write_digits_source
 from bigtrain.tasks import ClassificationTask
 
@@ -230,9 +230,9 @@ def test_every_family_debug_preset(name: str, tmp_path: Path) -> None:
               "schedule.warmup_steps=1", "schedule.cooldown_steps=0", "train.micro_batch_size=0", "parallel.timeout_s=120"]
     cfg = load_config(common[0], common[1:])
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(RunSpec.of(cfg))
     assert all(p.is_meta for p in model.parameters())
-    params, flops = num_params(model), train_flops_per_sample(model, cfg)
+    params, flops = num_params(model), train_flops_per_sample(model, RunSpec.of(cfg))
     assert params > 0 and flops >= 6 * params * 0.5, (params, flops)
     print(f"{name}/debug: {params / 1e6:.3f}M params, {flops / 1e6:.2f} MFLOP per training sample")
 

@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT, TEST_CONFIG
 from bigtrain.config import load_config
+from bigtrain.families import RunSpec
 from bigtrain.memory import estimate, profile_activations
 
 # ViT-B-sized trunk on 32 px digits: large enough that rounding is invisible, cheap on meta
@@ -28,7 +29,7 @@ def _states(cfg_overrides: list[str], world: int) -> tuple[dict, int]:
     from bigtrain.recipes import build_model
 
     with torch.device("meta"):
-        n = sum(p.numel() for p in build_model(cfg).parameters())
+        n = sum(p.numel() for p in build_model(RunSpec.of(cfg)).parameters())
     return estimate(cfg, world).rows, n
 
 
@@ -67,7 +68,8 @@ def test_activation_profile_and_checkpointing() -> None:
     divides block activations; nothing is allocated (the profile runs on meta)."""
     cfg = load_config(TEST_CONFIG, BASE)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    p8, p16 = profile_activations(cfg, 8), profile_activations(cfg, 16)
+    run = RunSpec.of(cfg)
+    p8, p16 = profile_activations(run, 8), profile_activations(run, 16)
     assert p8.blocks == 4 and p8.block_saved > p8.block_input > 0
     assert p16.block_saved == pytest.approx(2 * p8.block_saved, rel=0.01)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 50 * 1024  # KiB: no model was allocated

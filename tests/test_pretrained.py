@@ -58,12 +58,12 @@ def test_logits_equal_transformers(kind: str, hf_dirs: dict[str, Path], lm_data_
     from transformers import AutoModelForCausalLM
 
     from bigtrain.distributed import LaunchEnv, ParallelState
-    from bigtrain.families import get_family
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_parallel
 
     cfg = _cfg(hf_dirs[kind], lm_data_dir)
     assert (cfg.model.width, cfg.model.depth, cfg.model.vocab_size) == (64, 3, 300)  # from config.json
-    model = build_parallel(cfg, get_family("llama"), ParallelState.create(cfg.parallel, LaunchEnv()), None)
+    model = build_parallel(RunSpec.of(cfg), ParallelState.create(cfg.parallel, LaunchEnv()), None)
     ref = AutoModelForCausalLM.from_pretrained(hf_dirs[kind], attn_implementation="sdpa")
     x = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -291,9 +291,9 @@ def test_one_process_zero3_is_fsdp_on_one_rank_and_resumes_exactly(digits_dir: s
     ref, got = train_records(z0), train_records(z3)
     assert [got[s]["loss"] for s in range(1, 7)] == [ref[s]["loss"] for s in range(1, 7)]
     probe = ("from bigtrain.config import load_config; from bigtrain.distributed import ParallelState; "
-             "from bigtrain.recipes import build_parallel; from bigtrain.families import get_family; "
+             "from bigtrain.recipes import build_parallel; from bigtrain.families import RunSpec; "
              f"cfg = load_config({str(TEST_CONFIG)!r}, ['parallel.zero=3']); ps = ParallelState.create(cfg.parallel); "
-             "m = build_parallel(cfg, get_family(cfg.model.family), ps, None); "
+             "m = build_parallel(RunSpec.of(cfg), ps, None); "
              "print(sorted({type(p).__name__ for p in m.parameters()}), ps.world_size)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["['DTensor']", "1"], out.stdout + out.stderr[-2000:]

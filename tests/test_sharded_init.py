@@ -12,6 +12,7 @@ from torch import nn
 
 from bigtrain.config import load_config
 from bigtrain.distributed.sharded_init import InitRecorder, replay
+from bigtrain.families import RunSpec
 from bigtrain.recipes import build_model
 from conftest import ROOT
 
@@ -67,7 +68,7 @@ def test_replayed_init_equals_the_cpu_build_bitwise() -> None:
                                     "diffusion/unet_digits.yaml"])
 def test_replayed_family_init_equals_the_cpu_build_bitwise(config: str) -> None:
     cfg = load_config(ROOT / "configs" / config, [])
-    _check(lambda: build_model(cfg), seed=cfg.train.seed)
+    _check(lambda: build_model(RunSpec.of(cfg)), seed=cfg.train.seed)
 
 
 class _Stack(nn.Module):

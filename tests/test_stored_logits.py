@@ -64,18 +64,20 @@ def _live(config: Path, overrides: list[str], positions: list[int], stored: Path
     live teacher's logits on exactly that batch, (batch, items, classes)."""
     from bigtrain.config import load_config
     from bigtrain.distributed import ParallelState
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_teacher, make_task, train_dataset
     from data_pipeline import load_split
     from data_pipeline.logits import StoredLogits
 
     cfg = load_config(config, overrides)
+    run = RunSpec.of(cfg)
     ps = ParallelState.create(cfg.parallel)
-    dataset = train_dataset(cfg, load_split(cfg.data.dir, cfg.data.train_split))
+    dataset = train_dataset(run, load_split(cfg.data.dir, cfg.data.train_split))
     if stored is not None:
         dataset.stored = StoredLogits(str(stored))
     batch = dataset[positions]
-    teacher = build_teacher(cfg, ps, None)
-    return batch, make_task(cfg, teacher.model, teacher.model).teacher_logits(batch)
+    teacher = build_teacher(run, ps, None)
+    return batch, make_task(run, teacher.model, teacher.model).teacher_logits(batch)
 
 
 def _check_replay(batch: dict, logits: torch.Tensor, tau: float) -> None:

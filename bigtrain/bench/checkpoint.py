@@ -79,9 +79,10 @@ MODEL = ["model.family=vit", "model.variant=B", "model.patch_size=16", "model.im
 
 def build_state(overrides: list[str]) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
     from bigtrain.config import load_config
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model
 
-    model = build_model(load_config(None, [*MODEL, *overrides]))
+    model = build_model(RunSpec.of(load_config(None, [*MODEL, *overrides])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # one step creates the optimizer state (exp_avg, exp_avg_sq)
         p.grad = torch.randn_like(p) * 1e-3

@@ -258,11 +258,13 @@ def _time_steps(step: Any, device: torch.device, warmup: int, steps: int) -> lis
 
 def plain_loop(cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     """Eager PyTorch: same model and objective, fused AdamW, bf16 autocast, grad clipping."""
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model, make_task
     from bigtrain.tasks.protocol import batch_to_device
 
-    model = build_model(cfg).to(device)
-    task = make_task(cfg, model)
+    run = RunSpec.of(cfg)
+    model = build_model(run).to(device)
+    task = make_task(run, model)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **fused)
     batch = _batch(cfg, device)
@@ -285,16 +287,17 @@ def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work:
     from bigtrain.checkpoint import Checkpointer
     from bigtrain.distributed import ParallelState
     from bigtrain.optim import LRSchedule, build_optimizer
-    from bigtrain.families import get_family
+    from bigtrain.families import RunSpec
     from bigtrain.optim.builder import head_param_names, no_weight_decay_names
     from bigtrain.recipes import build_model, make_task, parallelize, schedule_spec
     from bigtrain.trainer import Trainer
 
     ps = ParallelState.create(cfg.parallel)
+    run = RunSpec.of(cfg)
     with torch.device("meta"):
-        full = build_model(cfg)
-    model = parallelize(get_family(cfg.model.family), build_model(cfg).to(ps.device), cfg, ps, None)
-    task = make_task(cfg, model)
+        full = build_model(run)
+    model = parallelize(run, build_model(run).to(ps.device), ps, None)
+    task = make_task(run, model)
     optimizer = build_optimizer(model, cfg.optim, no_weight_decay_names(full), head_param_names(full))
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     trainer = Trainer(cfg, model, task, optimizer, schedule, SyntheticStream(_batch(cfg, device)),
@@ -305,15 +308,16 @@ def bigtrain_loop(cfg: Any, device: torch.device, warmup: int, steps: int, work:
 def _measure(step: Any, model: torch.nn.Module, cfg: Any, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    from bigtrain.families import get_family
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import train_flops_per_sample
 
     from bigtrain.memory import GiB, estimate
 
     times = _time_steps(step, device, warmup, steps)
     t = statistics.median(times)
-    flops = train_flops_per_sample(model, cfg) * cfg.train.global_batch_size
-    per_sample = get_family(cfg.model.family).sample_unit(cfg.model)[1]
+    run = RunSpec.of(cfg)
+    flops = train_flops_per_sample(model, run) * cfg.train.global_batch_size
+    per_sample = run.family.sample_unit(cfg.model)[1]
     out = {"step_s": t, "best_step_s": min(times), "items_per_s": cfg.train.global_batch_size * per_sample / t,
            "model_flops_per_s": flops / t}
     if device.type == "cuda":

@@ -33,10 +33,11 @@ def state_bytes(name: str) -> tuple[float, float, float]:
     other tensors: small ones with fp32 state, AdamW's 8 B)."""
     from bigtrain.config import load_config
     from bigtrain.optim import build_optimizer
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model
 
     cfg = load_config(CONFIG, [f"optim.name={name}"])
-    model = build_model(cfg)
+    model = build_model(RunSpec.of(cfg))
     opt = build_optimizer(model, cfg.optim)
     for p in model.parameters():
         p.grad = torch.randn_like(p)

@@ -139,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 def describe_model(model_name: str, config: Path, common: list[str], cores: int) -> tuple[float, int]:
     """Print the model line; return training FLOPs per sample (forward + backward) and the global batch."""
     from bigtrain.config import load_config
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model, num_params, train_flops_per_sample
 
     cfg = load_config(config, common)
+    run = RunSpec.of(cfg)
     with torch.device("meta"):
-        model = build_model(cfg)
-    flops = train_flops_per_sample(model, cfg)
+        model = build_model(run)
+    flops = train_flops_per_sample(model, run)
     print(f"# {model_name}: {num_params(model) / 1e6:.2f}M params, {flops / 1e9:.3f} GFLOP per sample (train), "
           f"global batch {cfg.train.global_batch_size}, fp32, {cores} cores")
     return flops, cfg.train.global_batch_size

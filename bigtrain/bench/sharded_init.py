@@ -51,7 +51,7 @@ def worker(config: str, overrides: list[str], out: str) -> None:
 
     from bigtrain.config import load_config
     from bigtrain.distributed import LaunchEnv, ParallelState
-    from bigtrain.families import get_family
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_parallel
 
     cfg = load_config(config, overrides)
@@ -59,7 +59,7 @@ def worker(config: str, overrides: list[str], out: str) -> None:
     ps.barrier()
     before_now, before_peak = _rss_now(), _rss_peak()
     t0 = time.perf_counter()
-    model = build_parallel(cfg, get_family(cfg.model.family), ps, None)
+    model = build_parallel(RunSpec.of(cfg), ps, None)
     wall = time.perf_counter() - t0
     tensors = list(model.parameters()) + list(model.buffers())
     held = sum((t.to_local() if isinstance(t, DTensor) else t).untyped_storage().nbytes() for t in tensors)
@@ -85,10 +85,11 @@ def _model_bytes(config: str, overrides: list[str]) -> int:
     import torch
 
     from bigtrain.config import load_config
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model
 
     with torch.device("meta"):
-        model = build_model(load_config(config, overrides))
+        model = build_model(RunSpec.of(load_config(config, overrides)))
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 

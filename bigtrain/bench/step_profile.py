@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from bigtrain.bench.parallel import MODELS
     from bigtrain.config import load_config
     from bigtrain.optim import build_optimizer
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model, load_splits, make_task, train_dataset
     from bigtrain.run import prepare_run
 
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                                    f"train.steps={2 * args.steps + 10}", "schedule.warmup_steps=1",
                                    "schedule.cooldown_steps=0"])
         trainer = prepare_run(cfg, training=False).trainer
-        model = build_model(cfg)
-        task, optimizer = make_task(cfg, model), build_optimizer(model, cfg.optim)
-        dataset = train_dataset(cfg, load_splits(cfg)[0])
+        run = RunSpec.of(cfg)
+        model = build_model(run)
+        task, optimizer = make_task(run, model), build_optimizer(model, cfg.optim)
+        dataset = train_dataset(run, load_splits(cfg)[0])
         gbs, step = cfg.train.global_batch_size, [0]
 
         def plain() -> None:

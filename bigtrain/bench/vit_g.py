@@ -70,10 +70,11 @@ def deepspeed_estimate(cfg: object) -> str:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
     except ImportError:
         return "DeepSpeed not installed (pip install 'bigtrain[deepspeed]')"
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model
 
     with torch.device("meta"):
-        model = build_model(cfg)  # type: ignore[arg-type]
+        model = build_model(RunSpec.of(cfg))  # type: ignore[arg-type]
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     out = io.StringIO()
@@ -91,6 +92,7 @@ def train_records(run_dir: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     from bigtrain.config import load_config
     from bigtrain.memory import GiB, estimate
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model, train_flops_per_sample
 
     ap = argparse.ArgumentParser(description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CONFIG, ov)
     import torch
 
+    run = RunSpec.of(cfg)
     with torch.device("meta"):
-        model = build_model(cfg)
-    flops = train_flops_per_sample(model, cfg) * 4 / 3  # full AC: forward computed twice (3 -> 4 forward-equivalents)
+        model = build_model(run)
+    flops = train_flops_per_sample(model, run) * 4 / 3  # full AC: forward computed twice (3 -> 4 forward-equivalents)
     n = sum(p.numel() for p in model.parameters())
     print(f"ViT-G/14: {n / 1e9:.3f} B parameters, {flops / 1e12:.2f} TFLOP per image per training step (with recompute)")
     for name in ("factored", "adamw"):

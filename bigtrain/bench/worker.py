@@ -66,24 +66,26 @@ def deepspeed_engine(task: torch.nn.Module, optimizer: torch.optim.Optimizer, cf
 def run_reference(cfg: Any, steps: int, mode: str) -> tuple[list[float], list[float]]:
     """Plain PyTorch, DDP or DeepSpeed: model + task + AdamW groups from bigtrain, nothing else."""
     from bigtrain.optim import LRSchedule, build_optimizer
+    from bigtrain.families import RunSpec
     from bigtrain.recipes import build_model, ensure_data, load_splits, make_task, schedule_spec, train_dataset
 
+    run = RunSpec.of(cfg)
     rank, world = 0, 1
     if mode != "eager":
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        ensure_data(cfg)
+        ensure_data(run)
     if world > 1:
         dist.barrier()
-    model = build_model(cfg)
-    task = make_task(cfg, model)
+    model = build_model(run)
+    task = make_task(run, model)
     optimizer = build_optimizer(model, cfg.optim)
     # built before DeepSpeed wraps the optimizer: it keeps these param-group dicts, so the LR we set lands
     schedule = LRSchedule(optimizer, cfg.optim.lr, schedule_spec(cfg))
     engine = deepspeed_engine(task, optimizer, cfg, int(mode[-1]), world) if mode.startswith("deepspeed") else None
     wrapped = torch.nn.parallel.DistributedDataParallel(task) if mode == "ddp" else task
-    dataset = train_dataset(cfg, load_splits(cfg)[0])
+    dataset = train_dataset(run, load_splits(cfg)[0])
     local = cfg.train.global_batch_size // world
     times, losses = [], []
     for step in range(steps):

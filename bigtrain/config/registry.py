@@ -326,6 +326,47 @@ def get_family(ref: str, key: str = "model.family") -> Family:
     return _REGISTRY[ref]
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated config with what its strings name resolved once: the model family, the teacher's
+    family, the task. Setting up a run (the trainer, the memory estimate, benchmarks, stored
+    logits) passes this down, so no builder looks a family up again from ``model.family`` (and a
+    run cannot mix two resolutions of one name). ``RunSpec.of(cfg)`` is cheap: the config's own
+    validation already imported the families."""
+
+    cfg: Config
+    family: Family
+    teacher_family: Family | None = None
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunSpec:
+        teacher = get_family(cfg.teacher.family, "teacher.family") if cfg.teacher.family else None
+        return cls(cfg, get_family(cfg.model.family), teacher)
+
+    @property
+    def task(self) -> Callable[..., nn.Module]:
+        """The objective's factory: ``task(cfg, model)``, or ``task(cfg, model, teacher)``."""
+        return self.family.tasks[self.cfg.task]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(getattr(self.task, "uses_teacher", False))
+
+    def section(self, name: str) -> tuple[Any, Family]:
+        """A model section (``model`` or ``teacher``) and the family that builds it."""
+        family = self.family if name == "model" else self.teacher_family
+        if family is None:
+            raise ConfigError(f"config section '{name}' names no family (set {name}.family)")
+        return getattr(self.cfg, name), family
+
+    def replace(self, **changes: Any) -> RunSpec:
+        """The same resolution over a changed config (e.g. the teacher's layout): sections keep
+        their family, which a replaced config may not change."""
+        cfg = dataclasses.replace(self.cfg, **changes)
+        assert cfg.model.family == self.cfg.model.family and cfg.teacher.family == self.cfg.teacher.family
+        return dataclasses.replace(self, cfg=cfg)
+
+
 def find_command(name: str, kind: str = "commands") -> Callable[[list[str]], int] | None:
     """A family's CLI subcommand (or benchmark) of this name, if any family registered one."""
     for family in all_families():
@@ -360,6 +401,6 @@ def apply_preset(section: Any, family: Family, key: str = "model") -> None:
             setattr(section, name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
-__all__ = ["Family", "ModelConfig", "Pretrained", "add_trust_argument", "all_families", "apply_preset",
+__all__ = ["Family", "ModelConfig", "Pretrained", "RunSpec", "add_trust_argument", "all_families", "apply_preset",
            "apply_trust_argument", "family_names", "find_command", "get_family", "lazy", "reading_saved_config",
            "register_family", "trust_family"]

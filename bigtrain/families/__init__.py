@@ -16,6 +16,7 @@ from bigtrain.config.registry import (
     Family,
     ModelConfig,
     Pretrained,
+    RunSpec,
     add_trust_argument,
     all_families,
     apply_preset,
@@ -43,7 +44,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'bigtrain.families' has no attribute {name!r}")
 
 
-__all__ = ["ENTRY_POINT_GROUP", "EvalContext", "Family", "ModelConfig", "Pretrained", "add_trust_argument",
+__all__ = ["ENTRY_POINT_GROUP", "EvalContext", "Family", "ModelConfig", "Pretrained", "RunSpec", "add_trust_argument",
            "all_families", "apply_preset", "apply_trust_argument", "checkpoint_source", "family_names",
            "find_command", "get_family", "lazy", "reading_saved_config", "register_family", "saved_model_section",
            "trust_family"]
