@@ -49,10 +49,25 @@ QUICK_FILES = {"test_layers.py", "test_config.py", "test_schedules.py", "test_op
 QUICK_TESTS = {"test_every_family_debug_preset"}
 
 
+# The default run uses two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml): most
+# tests run one thread (below), so one worker leaves a core idle. A file is one group, so its
+# module fixtures (a trained checkpoint every test of the file reads) are built once; every Slurm
+# test is one group, so the one loopback cluster of the session serves them all. Files start
+# longest first (measured, see docs/testing.md), so the two workers end together.
+LONG_FILES = ["test_slurm.py", "test_resume.py", "test_parallel.py", "test_readme.py", "test_trust.py",
+              "test_families.py", "test_trust_inputs.py", "test_prune.py", "test_distill.py", "test_train.py"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into scopes
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in QUICK_FILES or item.originalname in QUICK_TESTS:
             item.add_marker(pytest.mark.quick)
+        group = "slurm" if item.get_closest_marker("slurm") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    # stable: within a file, pytest's order; the Slurm group is led by test_slurm.py's rank
+    items.sort(key=lambda it: 0 if it.get_closest_marker("slurm") else rank.get(it.path.name, len(rank) + 1))
 
 
 # One thread per test process keeps timings stable on the 2-core CI machine and
