@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 # Only torch-free modules at the top: `bigtrain --help`, `bigtrain config ...` and a bad config
 # answer in a fraction of a second; each command imports what it runs.
 from bigtrain.config import Config, ConfigError, describe, dump_yaml, load_config
+from bigtrain.config.registry import lazy
 from bigtrain.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_EVAL_FAILED, EXIT_SAVE_FAILED, FinalEvalFailed
 from bigtrain.optional import missing_optional
 
@@ -321,46 +322,34 @@ def _main(argv: list[str] | None = None) -> int:
         return known[0]
 
 
+# Commands in their own modules, imported when run (``--help`` and ``config`` stay free of torch).
+MODULE_COMMANDS = {"export": lazy("bigtrain.export:main"), "sample": lazy("bigtrain.sample:main"),
+                   "encode-latents": lazy("bigtrain.encode_latents:main"),
+                   "distill-logits": lazy("bigtrain.distill_logits:main")}
+
+
+def cmd_report(argv: list[str]) -> int:
+    from bigtrain.report import make_report
+
+    if len(argv) != 1:
+        raise ConfigError("usage: bigtrain report RUN_DIR")
+    print(make_report(argv[0]))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from data_pipeline.cli import main as data_main
+
+    return data_main(argv, prog="bigtrain data")
+
+
 def _dispatch(cmd: str, rest: list[str]) -> int:
-    if cmd == "train":
-        return cmd_train(rest)
-    if cmd == "eval":
-        return cmd_eval(rest)
-    if cmd == "config":
-        return cmd_config(rest)
-    if cmd == "export":
-        from bigtrain.export import main as export_main
-
-        return export_main(rest)
-    if cmd == "sample":
-        from bigtrain.sample import main as sample_main
-
-        return sample_main(rest)
-    if cmd == "encode-latents":
-        from bigtrain.encode_latents import main as latents_main
-
-        return latents_main(rest)
-    if cmd == "distill-logits":
-        from bigtrain.distill_logits import main as logits_main
-
-        return logits_main(rest)
-    if cmd == "report":
-        from bigtrain.report import make_report
-
-        if len(rest) != 1:
-            raise ConfigError("usage: bigtrain report RUN_DIR")
-        print(make_report(rest[0]))
-        return 0
-    if cmd == "data":
-        from data_pipeline.cli import main as data_main
-
-        return data_main(rest, prog="bigtrain data")
-    if cmd == "families":
-        return cmd_families(rest)
-    if cmd == "estimate":
-        return cmd_estimate(rest)
-    if cmd == "bench":
-        return cmd_bench(rest)
+    local = {"train": cmd_train, "eval": cmd_eval, "config": cmd_config, "report": cmd_report, "data": cmd_data,
+             "families": cmd_families, "estimate": cmd_estimate, "bench": cmd_bench}
+    if cmd in local:
+        return local[cmd](rest)
+    if cmd in MODULE_COMMANDS:
+        return MODULE_COMMANDS[cmd](rest)
     from bigtrain.families import find_command
 
     family_cmd = find_command(cmd)
