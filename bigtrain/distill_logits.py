@@ -44,9 +44,8 @@ def main(argv: list[str]) -> int:
     from bigtrain.components.teacher import fingerprint
     from bigtrain.distributed import ParallelState
     from bigtrain.families import RunSpec
-    from bigtrain.recipes import build_teacher, ensure_data, make_task, train_dataset
+    from bigtrain.recipes import build_teacher, data_split, ensure_data, make_task, train_dataset
     from bigtrain.run import setup_logging
-    from data_pipeline import load_split
     from data_pipeline.logits import LogitsMeta, write_meta
 
     args = _parse(argv)
@@ -72,7 +71,7 @@ def main(argv: list[str]) -> int:
         if ps.rank == 0:
             ensure_data(run)
         ps.barrier()
-        dataset = train_dataset(run, load_split(cfg.data.dir, cfg.data.train_split))
+        dataset = train_dataset(run, data_split(cfg, "train"))
         teacher = build_teacher(run, ps, torch.bfloat16 if cfg.train.dtype == "bfloat16" else None)
         task = make_task(run, teacher.model, teacher.model)
         samples = cfg.train.steps * cfg.train.global_batch_size

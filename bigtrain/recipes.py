@@ -37,6 +37,7 @@ from bigtrain.trainer import Trainer
 from data_pipeline import DataError, SplitInfo, TrainStream, load_split
 from data_pipeline.index import check_shards, find_foreign_shards, split_entry
 from data_pipeline.logits import StoredLogits
+from data_pipeline.spec import load_spec
 from data_pipeline.writer import write_set_atomically
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def ensure_data(run: RunSpec) -> None:
     shard set is never written into."""
     cfg = run.cfg
     d = cfg.data
+    if d.train:  # shards named by a spec are the user's: nothing is written
+        return
     have_index = bool(split_entry(d.dir, d.train_split))
     if have_index or (os.path.isdir(d.dir) and find_foreign_shards(d.dir, d.train_split)):
         return
@@ -180,15 +183,22 @@ def make_evaluator(run: RunSpec, train_split: SplitInfo, eval_split: SplitInfo, 
     return run.family.evaluator(cfg, train_split, eval_split, ctx)
 
 
+def data_split(cfg: Config, which: str) -> SplitInfo:
+    """The ``train`` or ``eval`` split: named by a shard spec (``data.train`` / ``data.eval``), or
+    ``data.dir`` + ``data.train_split`` / ``data.eval_split``."""
+    d = cfg.data
+    spec, split = (d.train, d.train_split) if which == "train" else (d.eval, d.eval_split)
+    return load_spec(spec, f"data.{which}", d.cache_dir) if spec else load_split(d.dir, split)
+
+
 def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:
-    train = load_split(cfg.data.dir, cfg.data.train_split)
-    evals = load_split(cfg.data.dir, cfg.data.eval_split)
+    train, evals = data_split(cfg, "train"), data_split(cfg, "eval")
     num_classes = getattr(cfg.model, "num_classes", None)  # a classifier's output count
     for info in (train, evals):
         if num_classes is not None and info.num_classes > num_classes:
             raise ConfigError(
                 f"config key 'model.num_classes' ({num_classes}) is smaller than the "
-                f"{info.num_classes} classes recorded in {cfg.data.dir}/index.json"
+                f"{info.num_classes} classes recorded in {info.root}/index.json"
             )
     if evals.indexed:  # counts come from the index; a shard damaged since would silently shrink the eval set
         check_shards(evals)

@@ -44,6 +44,7 @@ class SplitInfo:
     classes: list[str] = field(default_factory=list)
     damaged_shards: list[str] = field(default_factory=list)  # found while counting foreign shards, or by check_shards
     indexed: bool = False  # counts come from our index.json (not from scanning the tars)
+    meta: dict[str, Any] = field(default_factory=dict)  # the index entry's writer metadata (seq_len, tokenizer, latents...)
 
     @property
     def num_samples(self) -> int:
@@ -168,7 +169,8 @@ def load_split(root: str, split: str) -> SplitInfo:
         missing = [s.name for s in shards if not os.path.isfile(os.path.join(root, s.name))]
         if missing:
             raise DataError(f"{root}/{INDEX_NAME} lists shards that do not exist: {missing[:3]}")
-        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []), indexed=True)
+        meta = {k: v for k, v in entry.items() if k not in ("shards", "num_samples")}
+        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []), indexed=True, meta=meta)
     else:
         names = find_foreign_shards(root, split)
         if not names:

@@ -45,7 +45,7 @@ def refused_in_process(capsys: pytest.CaptureFixture, main: Callable[[list[str]]
 # or single tests by their name before any parameters.
 QUICK_FILES = {"test_layers.py", "test_config.py", "test_schedules.py", "test_optim.py", "test_fewshot.py",
                "test_step_sync.py", "test_sharded_init.py", "test_vit.py", "test_dit.py", "test_guard.py",
-               "test_cli.py", "test_data.py"}
+               "test_cli.py", "test_data.py", "test_data_specs.py"}
 QUICK_TESTS = {"test_every_family_debug_preset"}
 
 

@@ -90,6 +90,15 @@ class DataConfig:
         "32-bit tokens.")
     train_split: str = doc("train", "Split name (shard prefix) used for training.")
     eval_split: str = doc("test", "Split name (shard prefix) used for evaluation.")
+    train: str = doc(
+        "", "Training shards named by a webdataset spec instead of data.dir + data.train_split: brace patterns "
+        "('/data/digits-{000000..000009}.tar'), several joined with '::', or shard paths joined so; local paths. "
+        "Counts come from an index.json beside the shards, else one header scan, stored for the next run. "
+        "'' = data.dir.")
+    eval: str = doc("", "Evaluation shards as a spec (see data.train); '' = data.dir + data.eval_split.")
+    cache_dir: str = doc(
+        "", "Where shard counts of data.train/data.eval go when the shards' directory is not writable; "
+        "'' = $XDG_CACHE_HOME/bigtrain (~/.cache/bigtrain).")
     image_size: int = doc(32, "Images are resized to this square size.", gt=0)
     channels: Literal[1, 3] = doc(1, "1 = grayscale, 3 = RGB.")
     mean: list[float] = doc([0.5], "Per-channel normalisation mean (one value broadcasts).")

@@ -93,9 +93,7 @@ def check_stored_latents(cfg: Config, split: SplitInfo) -> None:
     """A set written by ``bigtrain encode-latents`` records the VAE, scale and image size it was
     encoded with: training on it with another VAE (or none) would denoise latents the run's VAE
     cannot decode, silently. Refused, naming both."""
-    from data_pipeline.index import split_entry
-
-    stored = split_entry(split.root, cfg.data.train_split).get("latents")
+    stored = split.meta.get("latents")  # the index entry's (data.dir's split, or beside a shard spec's shards)
     if not stored:
         return
     m = cfg.model

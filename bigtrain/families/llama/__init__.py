@@ -136,9 +136,7 @@ def write_stdlib_text(cfg: Config, root: str) -> None:
 def check_split_vocabulary(cfg: Config, split: SplitInfo, name: str) -> None:
     """A token set written by bigtrain records its tokenizer's vocabulary: one larger than the model's
     would make samples bad one by one (the eval split's only at the first evaluation); refused now."""
-    from data_pipeline.index import split_entry
-
-    entry = split_entry(split.root, name)
+    entry = split.meta  # the index entry (of data.dir's split, or the one beside a shard spec's shards)
     vocab = entry.get("vocab_size")
     if isinstance(vocab, int) and vocab > cfg.model.vocab_size:
         raise ConfigError(f"data.dir={split.root}: split '{name}' was tokenized with {vocab} tokens "
