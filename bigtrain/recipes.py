@@ -37,7 +37,7 @@ from bigtrain.trainer import Trainer
 from data_pipeline import DataError, SplitInfo, TrainStream, load_split
 from data_pipeline.index import check_shards, find_foreign_shards, split_entry
 from data_pipeline.logits import StoredLogits
-from data_pipeline.spec import load_spec
+from data_pipeline.spec import load_mixture, load_spec
 from data_pipeline.writer import write_set_atomically
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def ensure_data(run: RunSpec) -> None:
     shard set is never written into."""
     cfg = run.cfg
     d = cfg.data
-    if d.train:  # shards named by a spec are the user's: nothing is written
+    if d.train or d.sources:  # shards named by a spec are the user's: nothing is written
         return
     have_index = bool(split_entry(d.dir, d.train_split))
     if have_index or (os.path.isdir(d.dir) and find_foreign_shards(d.dir, d.train_split)):
@@ -187,8 +187,13 @@ def data_split(cfg: Config, which: str) -> SplitInfo:
     """The ``train`` or ``eval`` split: named by a shard spec (``data.train`` / ``data.eval``), or
     ``data.dir`` + ``data.train_split`` / ``data.eval_split``."""
     d = cfg.data
-    spec, split = (d.train, d.train_split) if which == "train" else (d.eval, d.eval_split)
-    return load_spec(spec, f"data.{which}", d.cache_dir) if spec else load_split(d.dir, split)
+    if which == "train" and d.sources:
+        split = load_mixture([(s.spec, s.weight) for s in d.sources], "data.sources", d.cache_dir)
+        for i, (s, (count, _)) in enumerate(zip(d.sources, split.sources)):
+            log.info("data source %d: %s, %d shards, weight %g", i, s.spec, count, s.weight)
+        return split
+    spec, name = (d.train, d.train_split) if which == "train" else (d.eval, d.eval_split)
+    return load_spec(spec, f"data.{which}", d.cache_dir) if spec else load_split(d.dir, name)
 
 
 def load_splits(cfg: Config) -> tuple[SplitInfo, SplitInfo]:

@@ -68,6 +68,7 @@ class Stream(Protocol):
     def skip(self, n: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def source_samples(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -491,6 +492,7 @@ class Trainer:
                     "samples_seen": self.state.samples_seen,
                     "data_skipped": self.state.data_skipped,
                     "skipped_steps": self.state.skipped_steps,
+                    **self.stream.source_samples(),
                     **memory_stats(self.ps.device),
                 })
                 window_t, window_n = 0.0, 0

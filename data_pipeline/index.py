@@ -45,6 +45,8 @@ class SplitInfo:
     damaged_shards: list[str] = field(default_factory=list)  # found while counting foreign shards, or by check_shards
     indexed: bool = False  # counts come from our index.json (not from scanning the tars)
     meta: dict[str, Any] = field(default_factory=dict)  # the index entry's writer metadata (seq_len, tokenizer, latents...)
+    # a weighted mixture: (shards, weight) per source, over consecutive runs of ``shards``; [] = one source
+    sources: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -52,6 +54,20 @@ class SplitInfo:
 
     def path(self, shard: int) -> str:
         return os.path.join(self.root, self.shards[shard].name)
+
+    def order(self, seed: int, window: int = 4, shuffle: bool = True) -> Any:
+        """The split's global sample order: one :class:`~data_pipeline.order.GlobalOrder`, or a
+        :class:`~data_pipeline.order.MixtureOrder` of its sources by weight."""
+        from data_pipeline.order import GlobalOrder, MixtureOrder
+
+        sizes = [s.num_samples for s in self.shards]
+        if not self.sources:
+            return GlobalOrder(sizes, seed, window, shuffle)
+        groups, start = [], 0
+        for count, _ in self.sources:
+            groups.append(sizes[start:start + count])
+            start += count
+        return MixtureOrder(groups, [w for _, w in self.sources], seed, window, shuffle)
 
 
 def read_index(root: str) -> dict[str, Any] | None:

@@ -327,6 +327,12 @@ class TrainStream:
     def epoch(self) -> float:
         return self.consumed_samples / self.dataset.order.epoch_size
 
+    def source_samples(self) -> dict[str, int]:
+        """Samples each source of a weighted mixture gave the whole run so far (all ranks; a pure
+        function of the counter); {} for one source."""
+        counts = getattr(self.dataset.order, "source_counts", None)
+        return {f"data/source{i}_samples": n for i, n in enumerate(counts(self.consumed_samples))} if counts else {}
+
     def state_dict(self) -> dict[str, int]:
         # The bad-sample counters are per rank and per process (an error budget over what this
         # process read), so they are not part of the resumable state; the trainer keeps the

@@ -59,3 +59,62 @@ class GlobalOrder:
         epoch, offset = divmod(int(position), self.epoch_size)
         shard, index = self._epoch(epoch)[offset]
         return epoch, int(shard), int(index)
+
+
+MIXTURE_PERIOD = 10_000  # positions per interleaving period: weights are kept to 1e-4
+
+
+def interleave(weights: list[float], period: int = MIXTURE_PERIOD) -> np.ndarray:
+    """One period of a deterministic interleaving: which source each position draws from. Smooth
+    weighted round-robin over integer quotas (largest remainders of ``weights * period``), so every
+    prefix of the stream holds each source's share to within one sample."""
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"mixture weights must be finite and > 0, got {list(weights)}")
+    exact = w / w.sum() * period
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(-(exact - quota), kind="stable")[: period - int(quota.sum())]] += 1
+    out = np.empty(period, dtype=np.int64)
+    current = np.zeros(len(w), dtype=np.int64)
+    for p in range(period):
+        current += quota
+        s = int(np.argmax(current))  # first maximum: ties go to the earlier source
+        current[s] -= period
+        out[p] = s
+    return out
+
+
+class MixtureOrder:
+    """The global order of several sources mixed by weight. Position ``p`` draws from the source
+    the interleaving gives it; the ``k``-th draw from a source is position ``k`` of that source's
+    own :class:`GlobalOrder` (which repeats over its own epochs: a heavy small source is seen more
+    often). Still a pure function of (seed, position): the same samples per step for any layout,
+    and the consumed-samples counter is the whole state."""
+
+    def __init__(self, sources: list[list[int]], weights: list[float], seed: int, window: int = 4,
+                 shuffle: bool = True) -> None:
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("MixtureOrder needs one weight per source")
+        # each source its own seed stream, so adding a source does not reorder the others
+        self.orders = [GlobalOrder(sizes, seed + 1_000_003 * i, window, shuffle) for i, sizes in enumerate(sources)]
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])[:-1].tolist()  # first shard of each source
+        self.pattern = interleave(weights)
+        counts = np.zeros((len(sources), len(self.pattern) + 1), dtype=np.int64)
+        for s in range(len(sources)):
+            counts[s, 1:] = np.cumsum(self.pattern == s)
+        self._before = counts  # draws of each source before each position of a period
+        self.seed = seed
+        self.epoch_size = int(sum(o.epoch_size for o in self.orders))
+
+    def source_counts(self, n: int) -> list[int]:
+        """Samples each source contributes to the first ``n`` positions."""
+        period, offset = divmod(int(n), len(self.pattern))
+        return [int(period * self._before[s, -1] + self._before[s, offset]) for s in range(len(self.orders))]
+
+    def lookup(self, position: int) -> tuple[int, int, int]:
+        """Global position -> (epoch of its source, shard in the concatenated list, index in shard)."""
+        period, offset = divmod(int(position), len(self.pattern))
+        s = int(self.pattern[offset])
+        k = int(period * self._before[s, -1] + self._before[s, offset])
+        epoch, shard, index = self.orders[s].lookup(k)
+        return epoch, self.offsets[s] + shard, index

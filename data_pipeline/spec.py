@@ -224,4 +224,18 @@ def load_spec(spec: str, key: str, cache_dir: str = "") -> SplitInfo:
     return info
 
 
-__all__ = ["COUNTS_NAME", "INDEX_NAME", "expand_braces", "expand_spec", "load_spec"]
+def load_mixture(sources: list[tuple[str, float]], key: str, cache_dir: str = "") -> SplitInfo:
+    """One split of several specs mixed by weight (``[(spec, weight), ...]``): their shards in
+    order, with the run of shards and the weight of each source (see ``SplitInfo.order``)."""
+    parts = [load_spec(spec, f"{key}[{i}].spec", cache_dir) for i, (spec, _) in enumerate(sources)]
+    paths = [os.path.join(p.root, s.name) for p in parts for s in p.shards]
+    if len(set(paths)) < len(paths):
+        raise DataError(f"config key '{key}': a shard is in two sources (each sample would be drawn by both weights)")
+    root = os.path.commonpath([p.root for p in parts])
+    shards = [ShardInfo(os.path.relpath(os.path.join(p.root, s.name), root), s.num_samples) for p in parts for s in p.shards]
+    metas = [p.meta for p in parts]
+    meta = metas[0] if all(m == metas[0] for m in metas) else {}
+    return SplitInfo(root, shards, max(p.num_classes for p in parts), parts[0].classes if meta else [],
+                     damaged_shards=[d for p in parts for d in p.damaged_shards], indexed=all(p.indexed for p in parts),
+                     meta=meta, sources=[(len(p.shards), float(w)) for p, (_, w) in zip(parts, sources)])
+__all__ = ["COUNTS_NAME", "INDEX_NAME", "expand_braces", "expand_spec", "load_mixture", "load_spec"]

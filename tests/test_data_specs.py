@@ -119,3 +119,88 @@ def test_training_from_webdataset_named_shards_equals_the_data_dir_run(digits_di
                       if r.get("kind") in ("train", "eval")]
     assert runs["spec"] == runs["dir"] and len(runs["dir"]) == 5 and runs["dir"][-1][2] is not None, runs
     assert not (tmp_path / "absent").exists(), "nothing written for data.dir"
+
+
+# --- weighted mixtures (issue 24, item 3) ---------------------------------------------------------
+@pytest.mark.parametrize("weights", [[0.75, 0.25], [0.5, 0.3, 0.2], [1.0, 1.0], [0.999, 0.001]])
+def test_every_prefix_of_the_interleaving_holds_the_weights_to_a_sample(weights: list[float]) -> None:
+    import numpy as np
+
+    from data_pipeline.order import MIXTURE_PERIOD, interleave
+
+    pattern = interleave(weights)
+    share = np.asarray(weights) / sum(weights)
+    n = np.arange(1, MIXTURE_PERIOD + 1)
+    for s in range(len(weights)):
+        drawn = np.cumsum(pattern == s)
+        assert np.all(np.abs(drawn - share[s] * n) < 1.0 + n / MIXTURE_PERIOD), s  # + quota rounding (<= 0.5/period per position)
+
+
+def test_a_mixture_draws_each_source_its_share_without_repeats(digits_dir: str) -> None:
+    """Over 100 steps of 16: the draws per source (found through the order the loader uses) are
+    within a sample of 0.75 / 0.25, agree with the logged counts, and no sample of a source repeats
+    before its epoch ends."""
+    from data_pipeline.spec import load_mixture
+
+    split = load_mixture([(f"{digits_dir}/train-{{000000..000005}}.tar", 0.75),
+                          (f"{digits_dir}/train-{{000006..000011}}.tar", 0.25)], "data.sources")
+    assert split.sources == [(6, 0.75), (6, 0.25)] and split.num_classes == 10
+    order = split.order(seed=3, window=4)
+    n = 100 * 16
+    drawn: list[list[tuple[int, int]]] = [[], []]
+    for p in range(n):
+        _, shard, index = order.lookup(p)
+        drawn[0 if shard < 6 else 1].append((shard, index))
+    assert [len(d) for d in drawn] == order.source_counts(n)
+    assert abs(len(drawn[0]) - 0.75 * n) <= 1 and abs(len(drawn[1]) - 0.25 * n) <= 1
+    sizes = [sum(s.num_samples for s in split.shards[:6]), sum(s.num_samples for s in split.shards[6:])]
+    for d, size in zip(drawn, sizes):
+        first_epoch = d[:size]
+        assert len(set(first_epoch)) == len(first_epoch), "a sample repeats within its source's epoch"
+
+
+def test_a_mixture_trains_the_same_on_one_and_two_ranks(digits_dir: str, tmp_path: Path) -> None:
+    """The same losses and counts on 1 and 2 ranks; a resume continues the mixture exactly."""
+    sources = (f"data.sources=[{{spec: '{digits_dir}/train-{{000000..000005}}.tar', weight: 0.75}}, "
+               f"{{spec: '{digits_dir}/train-{{000006..000011}}.tar', weight: 0.25}}]")
+    common = [sources, f"data.dir={digits_dir}", "train.steps=6", "eval.every_steps=0", "checkpoint.every_steps=3",
+              "schedule.warmup_steps=1", "schedule.cooldown_steps=0", "log.progress=off", "eval.final=false",
+              "model.dropout=0", "parallel.timeout_s=120"]
+    logs = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"dp{nproc}"
+        proc = launch("train", str(TEST_CONFIG), *common, f"run.dir={run}", f"parallel.dp={nproc}", nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "data source 0:" in proc.stderr and "weight 0.75" in proc.stderr
+        logs[nproc] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                       if json.loads(x).get("kind") == "train"]
+    batch = 32  # digits_test's global batch
+    for one, two in zip(logs[1], logs[2]):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5), (one, two)
+        seen = one["step"] * batch
+        assert one["data/source0_samples"] == two["data/source0_samples"]
+        assert abs(one["data/source0_samples"] - 0.75 * seen) <= 1
+        assert one["data/source0_samples"] + one["data/source1_samples"] == seen
+
+    # resumed from step 3: in the same layout bit for bit, on two ranks (elastic) within the tolerance
+    ckpt = tmp_path / "dp1" / "checkpoints" / "step_00000003"
+    for nproc in (1, 2):
+        run = tmp_path / f"resumed{nproc}"
+        proc = launch("train", str(TEST_CONFIG), *common, f"run.dir={run}", f"parallel.dp={nproc}", f"resume={ckpt}",
+                      nproc=nproc)
+        assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+        resumed = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(x).get("kind") == "train"]
+        assert [r["step"] for r in resumed] == [4, 5, 6]
+        for r, ref in zip(resumed, logs[1][3:]):
+            assert r["data/source0_samples"] == ref["data/source0_samples"]
+            assert r["loss"] == ref["loss"] if nproc == 1 else r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_sources_and_train_are_exclusive(digits_dir: str) -> None:
+    from bigtrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="both name the training shards"):
+        load_config(TEST_CONFIG, [f"data.train={digits_dir}/train-000000.tar", "data.sources=[{spec: 'x.tar'}]"])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight' must be > 0"):
+        load_config(TEST_CONFIG, ["data.sources=[{spec: 'x.tar', weight: 0}]"])

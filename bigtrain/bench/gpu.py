@@ -242,6 +242,9 @@ class SyntheticStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed_samples = int(state["consumed_samples"])
 
+    def source_samples(self) -> dict[str, int]:
+        return {}
+
 
 def _time_steps(step: Any, device: torch.device, warmup: int, steps: int) -> list[float]:
     for _ in range(warmup):

@@ -72,6 +72,12 @@ class TrainConfig:
 
 
 @dataclass
+class DataSource:
+    spec: str = doc("", "The source's shards: a spec as data.train takes (brace patterns, '::').")
+    weight: float = doc(1.0, "Its share of the training stream (weights are normalised over the sources).", gt=0)
+
+
+@dataclass
 class DataConfig:
     dir: str = doc("data/digits", "Dataset root holding webdataset shards (written here when missing and source allows).")
     source: str = doc(
@@ -96,6 +102,10 @@ class DataConfig:
         "Counts come from an index.json beside the shards, else one header scan, stored for the next run. "
         "'' = data.dir.")
     eval: str = doc("", "Evaluation shards as a spec (see data.train); '' = data.dir + data.eval_split.")
+    sources: list[DataSource] = doc(
+        [], "Training shards as a weighted mixture instead of data.train: [{spec: ..., weight: 0.75}, {spec: ..., "
+        "weight: 0.25}]. Every step draws each source's share to within a sample, the same for any layout; a "
+        "source repeats over its own epochs.")
     cache_dir: str = doc(
         "", "Where shard counts of data.train/data.eval go when the shards' directory is not writable; "
         "'' = $XDG_CACHE_HOME/bigtrain (~/.cache/bigtrain).")
@@ -124,6 +134,13 @@ class DataConfig:
         16 * 2**20, "Largest tar member the reader accepts (bytes); a larger one is a bad sample (counted, skipped "
         "or raised per data.on_error), so a crafted shard cannot make a worker read gigabytes. 0 = no cap.", ge=0,
     )
+
+    def validate(self) -> None:
+        if self.sources and self.train:
+            raise ConfigError("config keys 'data.train' and 'data.sources' both name the training shards: set one")
+        for i, source in enumerate(self.sources):
+            if not source.spec:
+                raise ConfigError(f"config key 'data.sources[{i}].spec' is empty: name the source's shards")
 
 
 def _model_section(default_family: str) -> Any:

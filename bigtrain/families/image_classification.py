@@ -34,9 +34,9 @@ def write_digits_source(cfg: Config, root: str) -> None:
 
 
 def image_train_data(cfg: Config, split: SplitInfo) -> ImageBatchDataset:
-    from data_pipeline import GlobalOrder, ImageBatchDataset
+    from data_pipeline import ImageBatchDataset
 
-    order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
+    order = split.order(cfg.train.seed, cfg.data.shuffle_window)
     return ImageBatchDataset(split, order, image_spec(cfg, train=True), cfg.train.seed, train=True)
 
 

@@ -113,10 +113,10 @@ def check_stored_latents(cfg: Config, split: SplitInfo) -> None:
 
 
 def noised_train_data(cfg: Config, split: SplitInfo) -> NoisedImageDataset:
-    from data_pipeline import GlobalOrder, NoisedImageDataset
+    from data_pipeline import NoisedImageDataset
 
     check_stored_latents(cfg, split)
-    order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
+    order = split.order(cfg.train.seed, cfg.data.shuffle_window)
     channels, side = denoised_shape(cfg.model)
     return NoisedImageDataset(split, order, diffusion_spec(cfg, train=True), cfg.train.seed, train=True,
                               noise_shape=(channels, side, side))

@@ -144,11 +144,10 @@ def check_split_vocabulary(cfg: Config, split: SplitInfo, name: str) -> None:
 
 
 def train_data(cfg: Config, split: SplitInfo) -> TokenBatchDataset:
-    from data_pipeline import GlobalOrder
     from data_pipeline.loader import TokenBatchDataset
 
     check_split_vocabulary(cfg, split, cfg.data.train_split)
-    order = GlobalOrder([sh.num_samples for sh in split.shards], cfg.train.seed, cfg.data.shuffle_window)
+    order = split.order(cfg.train.seed, cfg.data.shuffle_window)
     return TokenBatchDataset(split, order, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, cfg.data.on_error,
                              cfg.data.max_member_bytes)
 
