@@ -205,8 +205,11 @@ def load_spec(spec: str, key: str, cache_dir: str = "") -> SplitInfo:
                 continue
             all_indexed = False
             entry = stored.get(name)
+            # ours, but read like any file: an entry that is not for this very file (size, mtime) or
+            # not a count is scanned again, never trusted
             if not (isinstance(entry, dict) and {k: entry.get(k) for k in ("size", "mtime_ns")} == _stat_key(path)
-                    and isinstance(entry.get("num_samples"), int)):
+                    and type(entry.get("num_samples")) is int and entry["num_samples"] >= 0
+                    and isinstance(entry.get("error", ""), str)):
                 scan = scan_shard(path)
                 entry = {**_stat_key(path), "num_samples": len(scan.samples), "error": scan.error or ""}
                 stored[name], changed = entry, True

@@ -68,6 +68,13 @@ def test_counts_are_scanned_once_and_stored(digits_dir: str, tmp_path: Path, mon
     assert [s.num_samples for s in again.shards] == [s.num_samples for s in info.shards]
     monkeypatch.undo()
 
+    # a stored count that is not a count is scanned again, not trusted
+    counts_file = tmp_path / "wds" / COUNTS_NAME
+    stored = json.loads(counts_file.read_text())
+    stored["shards"]["digits-000000.tar"]["num_samples"] = -5
+    counts_file.write_text(json.dumps(stored))
+    assert load_spec(spec, "data.train").shards[0].num_samples == 128
+
     # a shard that changed is scanned again; the others are not
     last = tmp_path / "wds" / "digits-000011.tar"
     shutil.copy(Path(digits_dir) / "train-000000.tar", last)
