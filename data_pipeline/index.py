@@ -70,6 +70,11 @@ class SplitInfo:
         return MixtureOrder(groups, [w for _, w in self.sources], seed, window, shuffle)
 
 
+def entry_meta(entry: dict[str, Any]) -> dict[str, Any]:
+    """A split entry's writer metadata: every field but its shard list and total."""
+    return {k: v for k, v in entry.items() if k not in ("shards", "num_samples")}
+
+
 def read_index(root: str) -> dict[str, Any] | None:
     path = os.path.join(root, INDEX_NAME)
     if not os.path.isfile(path):
@@ -185,8 +190,8 @@ def load_split(root: str, split: str) -> SplitInfo:
         missing = [s.name for s in shards if not os.path.isfile(os.path.join(root, s.name))]
         if missing:
             raise DataError(f"{root}/{INDEX_NAME} lists shards that do not exist: {missing[:3]}")
-        meta = {k: v for k, v in entry.items() if k not in ("shards", "num_samples")}
-        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []), indexed=True, meta=meta)
+        info = SplitInfo(root, shards, entry.get("num_classes", 0), entry.get("classes", []), indexed=True,
+                         meta=entry_meta(entry))
     else:
         names = find_foreign_shards(root, split)
         if not names:

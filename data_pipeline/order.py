@@ -106,15 +106,17 @@ class MixtureOrder:
         self.seed = seed
         self.epoch_size = int(sum(o.epoch_size for o in self.orders))
 
+    def _drawn(self, source: int, n: int) -> int:
+        """Draws from ``source`` among the first ``n`` positions."""
+        period, offset = divmod(int(n), len(self.pattern))
+        return int(period * self._before[source, -1] + self._before[source, offset])
+
     def source_counts(self, n: int) -> list[int]:
         """Samples each source contributes to the first ``n`` positions."""
-        period, offset = divmod(int(n), len(self.pattern))
-        return [int(period * self._before[s, -1] + self._before[s, offset]) for s in range(len(self.orders))]
+        return [self._drawn(s, n) for s in range(len(self.orders))]
 
     def lookup(self, position: int) -> tuple[int, int, int]:
         """Global position -> (epoch of its source, shard in the concatenated list, index in shard)."""
-        period, offset = divmod(int(position), len(self.pattern))
-        s = int(self.pattern[offset])
-        k = int(period * self._before[s, -1] + self._before[s, offset])
-        epoch, shard, index = self.orders[s].lookup(k)
+        s = int(self.pattern[int(position) % len(self.pattern)])
+        epoch, shard, index = self.orders[s].lookup(self._drawn(s, position))
         return epoch, self.offsets[s] + shard, index

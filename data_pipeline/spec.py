@@ -19,7 +19,7 @@ import re
 import tempfile
 from typing import Any
 
-from data_pipeline.index import INDEX_NAME, DataError, ShardInfo, SplitInfo, read_index
+from data_pipeline.index import INDEX_NAME, DataError, ShardInfo, SplitInfo, entry_meta, read_index
 from data_pipeline.tario import scan_shard
 
 COUNTS_NAME = ".bigtrain-shard-counts.json"
@@ -173,7 +173,7 @@ def _indexed(directory: str, names: list[str]) -> tuple[dict[str, int], dict[str
         listed = {s["name"]: s["num_samples"] for s in entry["shards"]}
         counts.update({n: listed[n] for n in names if n in listed})
         if names and all(n in listed for n in names):
-            meta = {k: v for k, v in entry.items() if k not in ("shards", "num_samples")}
+            meta = entry_meta(entry)
     return counts, meta
 
 
@@ -204,14 +204,14 @@ def load_spec(spec: str, key: str, cache_dir: str = "") -> SplitInfo:
                 counts[path] = from_index[name]
                 continue
             all_indexed = False
-            entry = stored.get(name)
+            entry, stat = stored.get(name), _stat_key(path)
             # ours, but read like any file: an entry that is not for this very file (size, mtime) or
             # not a count is scanned again, never trusted
-            if not (isinstance(entry, dict) and {k: entry.get(k) for k in ("size", "mtime_ns")} == _stat_key(path)
+            if not (isinstance(entry, dict) and {k: entry.get(k) for k in ("size", "mtime_ns")} == stat
                     and type(entry.get("num_samples")) is int and entry["num_samples"] >= 0
                     and isinstance(entry.get("error", ""), str)):
                 scan = scan_shard(path)
-                entry = {**_stat_key(path), "num_samples": len(scan.samples), "error": scan.error or ""}
+                entry = {**stat, "num_samples": len(scan.samples), "error": scan.error or ""}
                 stored[name], changed = entry, True
             counts[path] = entry["num_samples"]
             if entry.get("error"):
@@ -241,4 +241,6 @@ def load_mixture(sources: list[tuple[str, float]], key: str, cache_dir: str = ""
     return SplitInfo(root, shards, max(p.num_classes for p in parts), parts[0].classes if meta else [],
                      damaged_shards=[d for p in parts for d in p.damaged_shards], indexed=all(p.indexed for p in parts),
                      meta=meta, sources=[(len(p.shards), float(w)) for p, (_, w) in zip(parts, sources)])
+
+
 __all__ = ["COUNTS_NAME", "INDEX_NAME", "expand_braces", "expand_spec", "load_mixture", "load_spec"]
